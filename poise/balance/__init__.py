@@ -1,0 +1,11 @@
+"""Gradient balancers of spec sections 5-7, composable with every base loss."""
+
+from .ada import Ada
+from .balanced import Balanced
+from .base import Balancer, Scale, apply_scales
+from .gate import Gate
+
+#: Every balancer by name.
+BALANCERS: dict[str, type[Balancer]] = {b.name: b for b in (Ada, Gate, Balanced)}
+
+__all__ = ["BALANCERS", "Ada", "Balanced", "Balancer", "Gate", "Scale", "apply_scales"]

@@ -1,0 +1,100 @@
+"""AdaDPO (seed 000; arXiv 2605.28440; spec section 5).
+
+Per-pair stop-gradient coefficients beta_w = beta*kappa, beta_l = beta with kappa = sg(p_w/p_l), which
+makes |dL/dp_w| = |dL/dp_l|. Stable (default) form: per-token balancing with a ceiling C,
+
+    Dbar  = A_w - A_l              (ada_space="policy")   or  hbar_w - hbar_l   (ada_space="reference")
+    kappa = sg(exp(min(Dbar, log C)))
+    L     = -log sigma(beta*kappa*h_w - beta*h_l)
+
+Exponent family: c_w = k * exp(min(alpha_w*Dbar, log C)) (floored at ada_floor), c_l =
+exp(min(-alpha_l*Dbar, log C)); AdaDPO = (1, 0), symmetric = (0.5, 0.5), DPO = (0, 0).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..ops import LOG_COEF_LIMIT, bounded_exp
+from ..params import Param
+from ..seq import PairSeq
+from .base import Balancer, Scale
+
+ADA_PARAMS = (
+    Param("ada_form", "token", "'token': Dbar from mean token log-probs (stable, the paper's practical "
+          "form); 'sequence': from sequence log-probs (exact balance, unstable; for ablations).",
+          kind="choice", choices=("token", "sequence")),
+    Param("ada_space", "policy", "'policy': kappa from the policy's probabilities (default); 'reference': "
+          "from the log-ratios h (needs a reference).", kind="choice", choices=("policy", "reference")),
+    Param("ada_clip", 2.0, "Ceiling C on kappa (the paper's clipping bound; stable in [1.5, 2.5], worse "
+          "from 5). null disables the ceiling.", kind="float|none", low=0.0, low_open=True),
+    Param("ada_floor", None, "Floor on kappa (null: none, the paper's default). 1.0 never weakens the "
+          "chosen push below DPO's; use it when chosen responses are unlikely under the policy.",
+          kind="float|none", low=0.0, low_open=True),
+    Param("ada_alpha_w", 1.0, "Exponent of rho = exp(Dbar) in the chosen coefficient (AdaDPO: 1).", low=0.0),
+    Param("ada_alpha_l", 0.0, "Exponent of 1/rho in the rejected coefficient (AdaDPO: 0). Balanced for "
+          "every pair iff ada_alpha_w + ada_alpha_l = 1.", low=0.0),
+    Param("ada_k", 1.0, "Constant factor on the chosen coefficient: a deliberate asymmetry (default 1).",
+          low=0.0, low_open=True),
+)
+
+
+class Ada(Balancer):
+    name = "ada"
+    params = ADA_PARAMS
+    paper = "AdaDPO, arXiv 2605.28440 (seed 000)"
+    summary = "Per-pair stop-gradient coefficient kappa = p_w/p_l (per token, clipped) on the chosen term"
+
+    def __init__(self, loss, hp: dict[str, Any]):
+        super().__init__(loss, hp)
+        if hp["ada_space"] == "reference" and not loss.needs_reference:
+            raise self._refuse("ada_space='reference' needs log-ratios, and this loss is reference-free. "
+                               "Use ada_space='policy'.")
+        if hp["ada_form"] == "sequence" and not loss.ada_sequence_form:
+            raise self._refuse("its odds are defined on the mean token probability, so only "
+                               "ada_form='token' is defined.")
+        clip, floor = hp["ada_clip"], hp["ada_floor"]
+        if clip is not None and floor is not None and floor > clip:
+            raise self._refuse(f"ada_floor={floor} is above ada_clip={clip}; the floor must not exceed "
+                               "the ceiling.")
+        self.log_cap = math.log(clip) if clip is not None else LOG_COEF_LIMIT
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.hp["ada_space"] == "reference"
+
+    def log_ratio(self, seq: PairSeq) -> Tensor:
+        """Dbar of spec section 5 for the configured form and space, detached, float32 or wider."""
+        token = self.hp["ada_form"] == "token"
+        if self.hp["ada_space"] == "reference":
+            d = seq.hbar_w - seq.hbar_l if token else seq.h_w - seq.h_l
+        elif token:
+            d = self.loss.ada_log_ratio(seq) if self.loss.ada_log_ratio else seq.A_w - seq.A_l
+        else:
+            d = seq.S_w - seq.S_l
+        return d.detach()
+
+    def scales(self, seq, rewards):
+        hp = self.hp
+        with torch.no_grad():
+            d = self.log_ratio(seq)  # (B,)
+            log_w = hp["ada_alpha_w"] * d
+            kappa = bounded_exp(log_w.clamp(max=self.log_cap))
+            if hp["ada_floor"] is not None:
+                kappa = kappa.clamp(min=hp["ada_floor"])
+            c_w = hp["ada_k"] * kappa
+            c_l = bounded_exp((-hp["ada_alpha_l"] * d).clamp(max=self.log_cap))
+            metrics = {
+                "balance/kappa_mean": c_w.mean(), "balance/kappa_min": c_w.min(),
+                "balance/kappa_max": c_w.max(),
+                "balance/clipped_frac": (log_w > self.log_cap).to(d.dtype).mean(),
+                "balance/below_one_frac": (c_w < 1).to(d.dtype).mean(),
+                "balance/adaptive_rewards_chosen": (c_w * rewards[0]).mean(),
+            }
+            if hp["ada_alpha_l"] != 0:
+                metrics["balance/kappa_rejected_mean"] = c_l.mean()
+        return [Scale(self.loss.ada_apply, chosen=c_w, rejected=c_l)], metrics

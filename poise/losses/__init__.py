@@ -1,0 +1,11 @@
+"""The base losses of spec section 3, one table."""
+
+from .base import TERM_KINDS, LossSpec, Terms
+from .reference import REFERENCE_LOSSES
+from .reference_free import REFERENCE_FREE_LOSSES
+
+#: Every base loss by name. The trainer and the objective look losses up here; nothing branches on
+#: a loss name.
+LOSSES: dict[str, LossSpec] = {s.name: s for s in REFERENCE_LOSSES + REFERENCE_FREE_LOSSES}
+
+__all__ = ["LOSSES", "LossSpec", "TERM_KINDS", "Terms"]

@@ -1,0 +1,211 @@
+"""The objective: a base loss composed with balancers, as one drop-in PyTorch callable.
+
+    obj = poise.Objective(loss="dpo", balance=["ada"], beta=0.1, ada_clip=2.0)
+    out = obj(pair_logps)           # PairLogps of a batch
+    out.loss.backward()             # exactly the balanced gradient of the spec
+
+Hyperparameters are flat keywords (spec section 9); each belongs to exactly one loss or balancer, and
+one that the chosen loss and balancers do not take is an error when the objective is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .balance import BALANCERS, apply_scales
+from .errors import ConfigError
+from .losses import LOSSES, LossSpec, Terms
+from .params import NLL_WEIGHT, Param, suggest
+from .presets import PRESETS
+from .seq import PairSeq
+from .types import ObjectiveOutput, PairLogps
+
+
+def _lookup_loss(name: str) -> LossSpec:
+    if name not in LOSSES:
+        hint = f" {name!r} is a preset: use poise.objective({name!r})." if name in PRESETS else suggest(name, LOSSES)
+        raise ConfigError(f"unknown loss {name!r}; the losses are {', '.join(LOSSES)}.{hint}")
+    return LOSSES[name]
+
+
+def _balancer_names(balance: str | Sequence[str] | None) -> tuple[str, ...]:
+    names = (balance,) if isinstance(balance, str) else tuple(balance or ())
+    for n in names:
+        if n not in BALANCERS:
+            raise ConfigError(f"unknown balancer {n!r}; the balancers are {', '.join(BALANCERS)}.{suggest(n, BALANCERS)}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"balance={list(names)} names a balancer twice; give each at most once.")
+    return names
+
+
+def _all_owners() -> dict[str, list[str]]:
+    """Every hyperparameter name of the library -> who owns it, for helpful errors."""
+    owners: dict[str, list[str]] = {}
+    for spec in LOSSES.values():
+        for p in spec.params:
+            owners.setdefault(p.name, []).append(f"loss {spec.name!r}")
+    for cls in BALANCERS.values():
+        for p in cls.params:
+            owners.setdefault(p.name, []).append(f"balancer {cls.name!r}")
+    return owners
+
+
+def _unknown_key(key: str, valid: dict[str, Param], where: str) -> ConfigError:
+    owners = _all_owners().get(key)
+    if owners:
+        fix = (f"It belongs to the {' and the '.join(owners)}; choose that loss, or add that balancer "
+               "with balance=[...] (or use a preset), or remove the key.")
+    else:
+        fix = f"It is not a hyperparameter of any loss or balancer.{suggest(key, valid)}"
+    return ConfigError(f"{where} does not take the hyperparameter {key!r}. {fix} "
+                       f"Valid keys here: {', '.join(sorted(valid))}.")
+
+
+class Objective:
+    """A base loss of spec section 3 composed with balancers of sections 5-7.
+
+    Args:
+        loss: name of the base loss (see ``poise ls``).
+        balance: balancer names, e.g. ``["ada"]`` or ``["gate"]``; composed by multiplying coefficients.
+        **hyperparameters: flat keywords of spec section 9; unset ones take the spec's defaults.
+
+    Attributes:
+        needs_reference: whether calls need ``ref_chosen``/``ref_rejected`` in the batch.
+        needs_stats: per-token statistics the batch must carry (e.g. ``{"sum_p2"}``).
+        hyperparameters: every resolved hyperparameter, defaults included.
+    """
+
+    def __init__(self, loss: str = "dpo", balance: str | Sequence[str] | None = (), **hyperparameters: Any):
+        self.loss_spec = _lookup_loss(loss)
+        names = _balancer_names(balance)
+        owner_of: dict[str, str] = {NLL_WEIGHT.name: f"loss {loss!r}"}
+        params: dict[str, Param] = {NLL_WEIGHT.name: NLL_WEIGHT}
+        for p in self.loss_spec.params:
+            owner_of[p.name], params[p.name] = f"loss {loss!r}", p
+        for n in names:
+            for p in BALANCERS[n].params:
+                owner_of[p.name], params[p.name] = f"balancer {n!r}", p
+        where = f"loss {loss!r}" + (f" with balance={list(names)}" if names else "")
+        for key in hyperparameters:
+            if key not in params:
+                raise _unknown_key(key, params, where)
+        self.hyperparameters = {k: p.validate(hyperparameters.get(k, p.default), owner_of[k])
+                                for k, p in params.items()}
+        self.loss_hp = {p.name: self.hyperparameters[p.name] for p in self.loss_spec.params}
+        self.nll_weight = self.hyperparameters["nll_weight"] + self.loss_spec.builtin_nll(self.loss_hp)
+        self.balancers = [BALANCERS[n](self.loss_spec, {p.name: self.hyperparameters[p.name]
+                                                         for p in BALANCERS[n].params}) for n in names]
+        self.name = loss if not names else f"{loss}+{'+'.join(names)}"
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.loss_spec.needs_reference or any(b.needs_reference for b in self.balancers)
+
+    @property
+    def needs_stats(self) -> frozenset[str]:
+        return frozenset().union(*(b.needs_stats for b in self.balancers))
+
+    @property
+    def balance(self) -> tuple[str, ...]:
+        return tuple(b.name for b in self.balancers)
+
+    def __repr__(self) -> str:
+        hp = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters.items())
+        return f"Objective(loss={self.loss_spec.name!r}, balance={list(self.balance)!r}, {hp})"
+
+    def _check(self, batch: PairLogps) -> None:
+        if self.needs_reference and not batch.has_reference:
+            raise ValueError(f"objective {self.name!r} needs reference log-probs: pass ref_chosen and "
+                             "ref_rejected in PairLogps (per token or per-sequence sums).")
+        for stat in self.needs_stats:
+            for side in ("chosen", "rejected"):
+                stats = getattr(batch, f"{side}_stats")
+                if not stats or stat not in stats:
+                    raise ValueError(f"objective {self.name!r} needs the per-token statistic {stat!r}: pass "
+                                     f"{side}_stats={{{stat!r}: (B, T) tensor}} (the log-prob engine computes "
+                                     f"it with stats=[{stat!r}]).")
+
+    def __call__(self, batch: PairLogps, *, num_pairs: float | None = None,
+                 num_chosen_tokens: float | None = None) -> ObjectiveOutput:
+        """Loss, per-pair losses and metrics of one batch.
+
+        Args:
+            batch: per-token log-probs of B pairs.
+            num_pairs: pairs of the whole optimizer step (all micro-batches and ranks), when the loss
+                is to be a share of a step-level mean; default B.
+            num_chosen_tokens: chosen tokens of the whole step, the denominator of batch-level NLL
+                terms (CPO, ORPO, nll_weight); default this batch's.
+        """
+        self._check(batch)
+        seq = PairSeq.build(batch, read_reference=self.needs_reference)
+        with torch.no_grad():
+            rewards = tuple(r.detach() for r in self.loss_spec.rewards(seq, self.loss_hp))
+        t_w, t_l = self.loss_spec.terms(seq)  # (B,) each
+        scales, metrics = [], {}
+        for b in self.balancers:
+            s, m = b.scales(seq, rewards)
+            scales += s
+            metrics.update(m)
+        t_w, t_l = apply_scales(t_w, t_l, scales)
+        pair_loss = self.loss_spec.fn(Terms(t_w, t_l, seq.n_w, seq.n_l), **self.loss_hp)  # (B,)
+        n_pairs = float(num_pairs) if num_pairs is not None else float(batch.batch_size)
+        n_tok = batch.chosen_mask.sum().to(seq.dtype) if num_chosen_tokens is None else num_chosen_tokens
+        per_pair = pair_loss
+        if self.nll_weight:
+            # batch-level token mean of the chosen NLL, shared out so that sum(per_pair)/n_pairs == loss
+            per_pair = per_pair + self.nll_weight * (-seq.S_w) * (n_pairs / n_tok)
+        loss = per_pair.sum() / n_pairs
+        metrics.update(_base_metrics(seq, rewards, per_pair, batch))
+        return ObjectiveOutput(loss=loss, per_pair=per_pair, metrics=metrics)
+
+    # -- state: calibration of gate_tau="auto" and anything else a balancer keeps --------------------
+    @property
+    def needs_calibration(self) -> bool:
+        return any(not getattr(b, "calibrated", True) for b in self.balancers)
+
+    def calibrate(self, batch: PairLogps, gather: Callable[[Tensor], Tensor] | None = None) -> None:
+        """Feed a batch under the initial policy to balancers that calibrate (gate_tau="auto").
+        ``gather`` (e.g. ``accelerator.gather``) collects the statistic from every rank first."""
+        seq = PairSeq.build(batch, read_reference=False)
+        for b in self.balancers:
+            if not getattr(b, "calibrated", True):
+                phat = b.phat(seq)
+                b.calibrate(gather(phat) if gather else phat)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {b.name: b.state_dict() for b in self.balancers if b.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for b in self.balancers:
+            b.load_state_dict(state.get(b.name, {}))
+
+
+def _base_metrics(seq: PairSeq, rewards: tuple[Tensor, Tensor], per_pair: Tensor,
+                  batch: PairLogps) -> dict[str, Tensor]:
+    with torch.no_grad():
+        r_w, r_l = rewards
+        n_tok = batch.chosen_mask.sum().clamp(min=1)
+        return {
+            "loss": per_pair.detach().mean(),
+            "rewards/chosen": r_w.mean(), "rewards/rejected": r_l.mean(),
+            "rewards/margins": (r_w - r_l).mean(), "rewards/accuracies": (r_w > r_l).to(r_w.dtype).mean(),
+            "logps/chosen": seq.S_w.detach().mean(), "logps/rejected": seq.S_l.detach().mean(),
+            "logps/chosen_token_mean": seq.A_w.detach().mean(),
+            "logps/rejected_token_mean": seq.A_l.detach().mean(),
+            "nll_loss": -seq.S_w.detach().sum() / n_tok,
+        }
+
+
+def objective(name: str, **hyperparameters: Any) -> Objective:
+    """A preset (``adadpo``, ``gate-dpo``, ``balanced-dpo``, ...) or a plain loss name, with overrides."""
+    if name in PRESETS:
+        p = PRESETS[name]
+        return Objective(loss=p.loss, balance=p.balance, **hyperparameters)
+    if name in LOSSES:
+        return Objective(loss=name, **hyperparameters)
+    raise ConfigError(f"unknown method {name!r}; presets: {', '.join(PRESETS)}; losses: {', '.join(LOSSES)}."
+                      f"{suggest(name, list(PRESETS) + list(LOSSES))}")
