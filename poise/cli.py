@@ -4,8 +4,10 @@ paragraph without a traceback (``--debug`` shows it)."""
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from .errors import PoiseError
 
@@ -32,22 +34,96 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
-    "ls": (cmd_ls, "list every loss, balancer and preset with its paper"),
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train as CONFIG says (key=value pairs override it)."""
+    from .config import load_config
+    from .trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg)
+    state = "stopped early (resume with resume=true)" if result.stopped_early else "done"
+    print(f"{state}: {result.steps} steps; model in {result.model_dir}; metrics in "
+          f"{result.run_dir / 'metrics.jsonl'}")
+    return 0 if not result.stopped_early else 130
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Check a config without loading any model or data."""
+    from .config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    obj = cfg.build_objective()
+    what = "sft" if obj is None else repr(obj)
+    print(f"{args.config}: valid ({what})")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """Print the resolved config, defaults included."""
+    from .config import dump_config, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    obj = cfg.build_objective()
+    if obj is not None:
+        cfg.hyperparameters = dict(obj.hyperparameters)
+    print(dump_config(cfg), end="")
+    return 0
+
+
+def cmd_config_docs(args: argparse.Namespace) -> int:
+    """Write the config reference (docs/config.md) from the field docs."""
+    from .configdoc import as_markdown
+
+    Path(args.output).write_text(as_markdown())
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override a key of the config")
+
+
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, Callable | None]] = {
+    "ls": (cmd_ls, "list every loss, balancer and preset with its paper", None),
+    "train": (cmd_train, "train a model: poise train CONFIG.yaml [key=value ...]", _config_args),
+    "validate": (cmd_validate, "check a config without loading any model", _config_args),
+    "show": (cmd_show, "print the resolved config", _config_args),
+    "config-docs": (cmd_config_docs, "write the config reference (docs/config.md)",
+                    lambda p: p.add_argument("--output", default="docs/config.md")),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .configdoc import as_text
+
     parser = argparse.ArgumentParser(prog="poise", description="Preference optimization with balanced gradients.")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (_, help_text) in COMMANDS.items():
-        sub.add_parser(name, help=help_text, description=help_text)
+    for name, (_, help_text, add_args) in COMMANDS.items():
+        epilog = as_text() if name in ("train", "validate", "show") else None
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=epilog,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        if add_args:
+            add_args(p)
     return parser
+
+
+def _quiet_libraries() -> None:
+    """Our own progress bar is the one on screen; transformers' loading bars and notices are not."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="poise: %(message)s")
+    _quiet_libraries()
     try:
         return COMMANDS[args.command][0](args)
     except PoiseError as e:

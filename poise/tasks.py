@@ -1,0 +1,133 @@
+"""What one training stage computes on a micro-batch: the preference objective, or SFT.
+
+A task owns its items (pairs or sequences), collates them, counts the tokens that normalise its
+batch-level terms, and turns the policy's per-token log-probs into a loss. The trainer's loop is the
+same for both; it never looks at a loss name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data import TokenizedPair, collate_pairs, collate_sequences
+from .logprobs import TokenLogps, pair_logps, token_logps
+from .reference import adapters_disabled
+
+
+class PolicyLogps(nn.Module):
+    """The policy as a module whose forward returns per-token log-probs.
+
+    Wrapping the model this way lets DDP/FSDP see the whole log-prob pass as the module's forward
+    (so gradients synchronise), while the engine still applies the output head only to completion
+    positions, chunk by chunk.
+    """
+
+    def __init__(self, model: nn.Module, *, stats: Sequence[str] = (), chunk_size: int = 1024):
+        super().__init__()
+        self.model = model
+        self.stats = tuple(stats)
+        self.chunk_size = chunk_size
+
+    def forward(self, input_ids, attention_mask, completion_mask):
+        out = token_logps(self.model, input_ids, attention_mask, completion_mask, stats=self.stats,
+                          chunk_size=self.chunk_size)
+        return out.logps, out.mask, out.stats  # tensors, so DDP can find them
+
+
+def run_policy(module, batch) -> TokenLogps:
+    logps, mask, stats = module(batch.input_ids, batch.attention_mask, batch.completion_mask)
+    return TokenLogps(logps, mask, stats)
+
+
+@dataclass
+class PreferenceTask:
+    """Pairs and an objective; the reference is precomputed sums (N, 2) or a live model."""
+
+    pairs: list[TokenizedPair]
+    objective: Any
+    pad_token_id: int
+    ref_sums: torch.Tensor | None = None
+    ref_model: nn.Module | None = None
+    ref_disable_adapters: bool = False
+    chunk_size: int = 1024
+    lengths: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.lengths = [p.length for p in self.pairs]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def norm_tokens(self, idx: Sequence[int]) -> int:
+        """Chosen tokens of these pairs: the denominator of batch-level NLL terms."""
+        return sum(len(self.pairs[i].chosen_ids) for i in idx)
+
+    def real_tokens(self, idx: Sequence[int]) -> int:
+        return sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
+                   for p in (self.pairs[i] for i in idx))
+
+    def collate(self, idx: Sequence[int]):
+        return collate_pairs([self.pairs[i] for i in idx], self.pad_token_id)
+
+    def reference(self, idx: Sequence[int], batch, device):
+        """(per-token reference TokenLogps or None, per-sequence sums or None)."""
+        if not self.objective.needs_reference:
+            return None, None
+        if self.ref_sums is not None:
+            s = self.ref_sums[list(idx)].to(device)
+            return None, (s[:, 0], s[:, 1])
+        model = self.ref_model
+        with torch.no_grad(), adapters_disabled(model) if self.ref_disable_adapters else nullcontext():
+            out = token_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask,
+                              chunk_size=self.chunk_size)
+        return out, None
+
+    def loss(self, module, idx: Sequence[int], device, *, num_items: int, num_tokens: int):
+        batch = self.collate(idx).to(device)
+        pol = run_policy(module, batch)
+        ref_out, ref_sums = self.reference(idx, batch, device)
+        out = self.objective(pair_logps(pol, ref_out, ref_sums=ref_sums), num_pairs=num_items,
+                             num_chosen_tokens=num_tokens)
+        return out.loss, out.metrics, out.per_pair
+
+    def calibrate(self, module, idx: Sequence[int], device, gather) -> None:
+        batch = self.collate(idx).to(device)
+        with torch.no_grad():
+            pol = run_policy(module, batch)
+        self.objective.calibrate(pair_logps(pol), gather=gather)
+
+
+@dataclass
+class SFTTask:
+    """(prompt, completion) sequences; the loss is the token-mean NLL of the completions."""
+
+    seqs: list[tuple[tuple[int, ...], tuple[int, ...]]]
+    pad_token_id: int
+    objective: Any = None
+    lengths: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.lengths = [len(p) + len(c) for p, c in self.seqs]
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def norm_tokens(self, idx: Sequence[int]) -> int:
+        return sum(len(self.seqs[i][1]) for i in idx)
+
+    def real_tokens(self, idx: Sequence[int]) -> int:
+        return sum(self.lengths[i] for i in idx)
+
+    def loss(self, module, idx: Sequence[int], device, *, num_items: int, num_tokens: int):
+        batch = collate_sequences([self.seqs[i] for i in idx], self.pad_token_id).to(device)
+        pol = run_policy(module, batch)
+        nll = -pol.logps.sum()  # logps are 0 off the completion tokens
+        n_local = pol.mask.sum().clamp(min=1)
+        metrics = {"loss": (nll / n_local).detach(), "nll_loss": (nll / n_local).detach()}
+        return nll / num_tokens, metrics, None
