@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -42,6 +43,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     result = train(cfg)
     state = "stopped early (resume with resume=true)" if result.stopped_early else "done"
+    if os.environ.get("RANK", "0") != "0":
+        return 0 if not result.stopped_early else 130
     print(f"{state}: {result.steps} steps; model in {result.model_dir}; metrics in "
           f"{result.run_dir / 'metrics.jsonl'}")
     return 0 if not result.stopped_early else 130

@@ -125,7 +125,8 @@ class TrainConfig:
 
     def build_objective(self):
         """The objective this config trains (validates the method and its hyperparameters)."""
-        from .objective import Objective
+        from .losses import LOSSES
+        from .objective import Objective, objective
         from .presets import PRESETS
 
         if self.stage == "sft":
@@ -138,6 +139,8 @@ class TrainConfig:
             p = PRESETS[self.method]
             balance = list(p.balance) + [b for b in self.balance if b not in p.balance]
             return Objective(p.loss, balance, **self.hyperparameters)
+        if self.method not in LOSSES:
+            objective(self.method)  # raises: unknown method, with the presets, losses and a suggestion
         return Objective(self.method, self.balance, **self.hyperparameters)
 
     def to_dict(self) -> dict[str, Any]:

@@ -120,7 +120,8 @@ def make_accelerator(cfg: TrainConfig):
     mp = cfg.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not cfg.cpu else "no"
-    acc = Accelerator(cpu=cfg.cpu, mixed_precision=mp)
+    # Without a GPU, accelerate sets up multi-process (gloo) training only when told cpu=True.
+    acc = Accelerator(cpu=cfg.cpu or not torch.cuda.is_available(), mixed_precision=mp)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and acc.num_processes != world:
         raise ConfigError(f"launched with WORLD_SIZE={world} but accelerate sees {acc.num_processes} process: "

@@ -1,0 +1,177 @@
+"""Score a model on the testbed task: generate responses, then gold reward, length and win rates.
+
+* :func:`generate` samples or greedily decodes responses for a list of prompts.
+* :func:`score` gives the mean gold reward, the exact-match rate and the mean length in words.
+* :func:`win_rate` compares two sets of responses to the same prompts under the gold reward, raw
+  and length-controlled (the definitions are in its docstring).
+
+Everything is deterministic for a seed (on one device and torch build).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from poise.testbed.task import gold_answer, gold_reward
+
+#: L2 penalty of the length-controlled fit (on the mean log-loss), which keeps it finite when the
+#: outcomes are separable by length (and when one side wins every comparison).
+LC_L2 = 1e-3
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 8,
+    temperature: float = 0.0,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> list[str]:
+    """One response per prompt: the decoded new tokens, cut at the first EOS.
+
+    ``temperature=0`` decodes greedily; a positive temperature samples (top-k and top-p off), with
+    the torch RNG seeded by ``seed`` inside and restored afterwards, so the same seed, prompts and
+    ``batch_size`` give the same responses. Prompts are left-padded into batches of ``batch_size``.
+    Special tokens are dropped from the text, which otherwise is kept as decoded (testbed responses
+    start with a space, so ``prompt + response`` re-tokenizes as generated).
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    was_training = model.training
+    model.eval()
+    responses: list[str] = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for start in range(0, len(prompts), batch_size):
+            responses += _generate_batch(model, tokenizer, list(prompts[start : start + batch_size]),
+                                         max_new_tokens, temperature)
+    model.train(was_training)
+    return responses
+
+
+def _generate_batch(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int,
+                    temperature: float) -> list[str]:
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
+    finally:
+        tokenizer.padding_side = side
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 \
+        else {"do_sample": False}
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, **sampling)
+    texts = []
+    for row in out[:, enc["input_ids"].shape[1]:].tolist():
+        if tokenizer.eos_token_id in row:
+            row = row[: row.index(tokenizer.eos_token_id)]
+        texts.append(tokenizer.decode(row, skip_special_tokens=True))
+    return texts
+
+
+def score(prompts: Sequence[str], responses: Sequence[str]) -> dict[str, float]:
+    """Mean gold reward, exact-match rate and mean length (words) of responses to ``prompts``.
+
+    Returns ``{"gold_reward", "exact_match", "length", "gold_length", "n"}``; ``gold_length`` is the
+    mean length of the gold answers, for comparison.
+    """
+    _check_lengths(prompts, responses)
+    if not prompts:
+        raise ValueError("score needs at least one prompt")
+    rewards = [gold_reward(p, r) for p, r in zip(prompts, responses)]
+    golds = [gold_answer(p).split() for p in prompts]
+    return {
+        "gold_reward": float(np.mean(rewards)),
+        "exact_match": float(np.mean([r.split() == g for r, g in zip(responses, golds)])),
+        "length": float(np.mean([len(r.split()) for r in responses])),
+        "gold_length": float(np.mean([len(g) for g in golds])),
+        "n": float(len(prompts)),
+    }
+
+
+def win_rate(prompts: Sequence[str], responses_a: Sequence[str], responses_b: Sequence[str]) -> dict[str, float]:
+    """Win rate of responses ``a`` over ``b`` under the gold reward, raw and length-controlled.
+
+    Per prompt i the outcome is ``o_i = 1`` if ``gold(a_i) > gold(b_i)``, ``0.5`` on a tie and ``0``
+    otherwise; the raw win rate is the mean of ``o_i``.
+
+    Length-controlled win rate (after AlpacaEval 2's LC, without its per-instruction term): with the
+    length difference ``d_i = len(a_i) - len(b_i)`` in words and ``s`` the standard deviation of
+    ``d`` over the prompts, fit by maximum likelihood the logistic model::
+
+        P(a wins | d) = sigmoid(theta_0 + theta_1 * tanh(d / s))
+
+    to the outcomes (ties as targets of 0.5: minimise the mean binary cross-entropy plus
+    ``LC_L2 / 2 * (theta_0^2 + theta_1^2)``, Newton's method); the LC win rate is the prediction at
+    zero length difference, ``sigmoid(theta_0)``. When ``s = 0`` (every pair has the same length
+    difference, e.g. equal lengths) the length effect cannot be told from the intercept and the LC
+    win rate is the raw win rate.
+
+    Returns ``{"win_rate", "lc_win_rate", "length_coef" (theta_1), "ties" (fraction),
+    "length_diff" (mean d), "n"}``.
+    """
+    _check_lengths(prompts, responses_a)
+    _check_lengths(prompts, responses_b)
+    if not prompts:
+        raise ValueError("win_rate needs at least one prompt")
+    ga = np.array([gold_reward(p, r) for p, r in zip(prompts, responses_a)])
+    gb = np.array([gold_reward(p, r) for p, r in zip(prompts, responses_b)])
+    outcome = np.where(ga > gb, 1.0, np.where(ga < gb, 0.0, 0.5))
+    diff = np.array([len(a.split()) - len(b.split()) for a, b in zip(responses_a, responses_b)], float)
+    raw = float(outcome.mean())
+    spread = float(diff.std())
+    if spread == 0.0:
+        lc, coef = raw, 0.0
+    else:
+        theta = fit_logistic(np.tanh(diff / spread), outcome, l2=LC_L2)
+        lc, coef = float(_sigmoid(theta[0])), float(theta[1])
+    return {"win_rate": raw, "lc_win_rate": lc, "length_coef": coef, "ties": float(np.mean(outcome == 0.5)),
+            "length_diff": float(diff.mean()), "n": float(len(prompts))}
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, *, l2: float = LC_L2, steps: int = 100) -> np.ndarray:
+    """``(theta_0, theta_1)`` minimising ``mean BCE(sigmoid(theta_0 + theta_1 x), y) + l2/2 |theta|^2``.
+
+    ``y`` may hold soft targets in [0, 1]. Damped Newton steps (halved until the objective falls),
+    which converge to the unique minimum since the objective is strictly convex for ``l2 > 0``.
+    """
+    X = np.stack([np.ones_like(x, dtype=float), np.asarray(x, dtype=float)], axis=1)
+    y = np.asarray(y, dtype=float)
+    theta = np.zeros(2)
+    loss = _logistic_loss(theta, X, y, l2)
+    for _ in range(steps):
+        p = _sigmoid(X @ theta)
+        grad = X.T @ (p - y) / len(y) + l2 * theta
+        hess = (X * (p * (1 - p))[:, None]).T @ X / len(y) + l2 * np.eye(2)
+        step = np.linalg.solve(hess, grad)
+        scale = 1.0
+        while scale > 1e-8 and _logistic_loss(theta - scale * step, X, y, l2) > loss:
+            scale /= 2
+        theta = theta - scale * step
+        new_loss = _logistic_loss(theta, X, y, l2)
+        if loss - new_loss < 1e-12:
+            break
+        loss = new_loss
+    return theta
+
+
+def _logistic_loss(theta: np.ndarray, X: np.ndarray, y: np.ndarray, l2: float) -> float:
+    z = X @ theta
+    # mean of log(1 + e^z) - y z, computed stably
+    return float(np.mean(np.logaddexp(0.0, z) - y * z) + 0.5 * l2 * theta @ theta)
+
+
+def _sigmoid(z: Any) -> Any:
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def _check_lengths(prompts: Sequence[str], responses: Sequence[str]) -> None:
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
