@@ -108,6 +108,17 @@ class TrainConfig:
     seed: int = F(0, "Seed of the data order, initialisation of adapters and dropout.", "training")
     chunk_size: int = F(1024, "Completion tokens per chunk of the output head (memory vs speed).",
                         "training")
+    # -- diagnostics ---------------------------------------------------------------------------------
+    diagnostics: bool = F(True, "Log the imbalance every step (logit-space gradient norms of each branch, "
+                          "sigma(-u), likelihood displacement) and, every diagnostics_steps, parameter-space "
+                          "gradient norms and squeezing probes on a fixed probe batch.", "diagnostics")
+    diagnostics_steps: int = F(10, "Probe every this many steps (0: only at the start and the end).",
+                               "diagnostics")
+    probe_pairs: int = F(16, "Pairs in the probe batch (from eval_file when given, else train_file).",
+                         "diagnostics")
+    probe_file: str | None = F(None, "JSONL of {prompt, response} rows unrelated to the training pairs, "
+                               "to measure squeezing; default: each probe prompt with another pair's "
+                               "chosen response.", "diagnostics")
     # -- run -----------------------------------------------------------------------------------------
     logging_steps: int = F(1, "Write metrics every this many steps.", "run")
     save_steps: int = F(100, "Write a checkpoint every this many steps (0: only at the end).", "run")
@@ -254,7 +265,7 @@ def _check_required(cfg: TrainConfig) -> str | None:
 
 def _check_sizes(cfg: TrainConfig) -> str | None:
     for name in ("batch_size", "micro_batch_size", "max_length", "max_prompt_length", "chunk_size",
-                 "logging_steps", "save_total_limit"):
+                 "logging_steps", "save_total_limit", "probe_pairs"):
         if getattr(cfg, name) < 1:
             return f"{name} must be at least 1, got {getattr(cfg, name)}."
     if cfg.batch_size % cfg.micro_batch_size:

@@ -12,7 +12,7 @@ from .config import TrainConfig, _type_text
 from .losses import LOSSES
 
 GROUPS = {"model": "Model", "reference": "Reference", "data": "Data", "method": "Method",
-          "training": "Optimisation", "run": "Run"}
+          "training": "Optimisation", "diagnostics": "Diagnostics", "run": "Run"}
 
 
 def trainer_fields() -> list[tuple[str, str, str, str, str]]:

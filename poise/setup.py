@@ -15,7 +15,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import TrainConfig
-from .data import load_rows, sft_sequences, tokenize_rows
+from .data import Row, load_rows, sft_sequences, tokenize_rows
+from .diagnostics import Probe
 from .errors import ConfigError
 from .models import add_lora, check_chat_template, check_tokenizer, load_model, load_tokenizer, resolve_source
 from .reference import cached_reference_sums
@@ -39,6 +40,20 @@ class Setup:
     task: Any
     eval_task: Any = None
     trainable: list = field(default_factory=list)
+    probe: Any = None  # diagnostics.Probe
+    probe_ref: Any = None  # (P, 2) reference sums of the probe pairs
+
+    def probe_metrics(self) -> dict[str, float]:
+        """Squeezing probes and parameter-space gradient norms on the probe batch (main process)."""
+        if self.probe is None or not self.accelerator.is_main_process:
+            return {}
+        model = self.unwrapped_model()
+        out = self.probe.logps(model, self.accelerator.device)
+        obj = self.task.objective
+        if obj is not None:
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            out.update(self.probe.param_grads(model, obj, trainable, self.accelerator.device, self.probe_ref))
+        return out
 
     def unwrapped_model(self):
         return self.accelerator.unwrap_model(self.module).model
@@ -208,6 +223,23 @@ def _eval_task(cfg: TrainConfig, tokenizer, objective, ref_info) -> PreferenceTa
     return PreferenceTask(data.pairs, objective, tokenizer.pad_token_id, chunk_size=cfg.chunk_size, **kw)
 
 
+def _probe(cfg: TrainConfig, tokenizer, task, eval_task, device) -> tuple[Probe | None, Any]:
+    if not cfg.diagnostics or not isinstance(task, PreferenceTask):
+        return None, None
+    source = eval_task if eval_task is not None else task
+    idx = list(range(min(cfg.probe_pairs, len(source))))
+    others = None
+    if cfg.probe_file:
+        rows = [Row(r.source, r.index, {"prompt": r.data.get("prompt"), "chosen": r.data.get("response"),
+                                        "rejected": f"{r.data.get('response')}\n"}, r.unit)
+                for r in load_rows(cfg.probe_file)]  # rejected is a placeholder: only chosen is used
+        data = tokenize_rows(rows, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                             on_bad_row="skip")
+        others = [(p.prompt_ids, p.chosen_ids) for p in data.pairs]
+    probe = Probe([source.pairs[i] for i in idx], tokenizer.pad_token_id, chunk_size=cfg.chunk_size, others=others)
+    return probe, source.ref_sums_for(idx, device)
+
+
 def build_setup(cfg: TrainConfig) -> Setup:
     acc = make_accelerator(cfg)
     torch.manual_seed(cfg.seed)
@@ -224,16 +256,19 @@ def build_setup(cfg: TrainConfig) -> Setup:
         if objective.needs_reference:
             ref_info = _reference(cfg, model, data.pairs, tokenizer, acc.device)
         task = PreferenceTask(data.pairs, objective, tokenizer.pad_token_id, chunk_size=cfg.chunk_size,
+                              diagnostics=cfg.diagnostics,
                               **{k: v for k, v in ref_info.items() if k != "ref_cache"})
     eval_task = _eval_task(cfg, tokenizer, objective, ref_info)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas),
                                   weight_decay=cfg.weight_decay)
-    module = PolicyLogps(model, stats=objective.needs_stats if objective else (), chunk_size=cfg.chunk_size)
+    probe, probe_ref = _probe(cfg, tokenizer, task, eval_task, acc.device)
+    stats = set(objective.needs_stats) | ({"sum_p2"} if cfg.diagnostics else set()) if objective else set()
+    module = PolicyLogps(model, stats=sorted(stats), chunk_size=cfg.chunk_size)
     module, optimizer = acc.prepare(module, optimizer)
     total = Schedule(task.lengths, cfg.batch_size, cfg.seed, cfg.epochs, cfg.max_steps).total
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total))
     if acc.is_main_process:
         (run_dir / "data_summary.json").write_text(json.dumps({"train": data.summary()}))
     return Setup(cfg, acc, run_dir, tokenizer, model, module, optimizer, scheduler, task, eval_task,
-                 [p for p in module.parameters() if p.requires_grad])
+                 [p for p in module.parameters() if p.requires_grad], probe, probe_ref)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .data import TokenizedPair, collate_pairs, collate_sequences
+from .diagnostics import step_metrics
 from .logprobs import TokenLogps, pair_logps, token_logps
 from .reference import adapters_disabled
 
@@ -56,6 +57,7 @@ class PreferenceTask:
     ref_model: nn.Module | None = None
     ref_disable_adapters: bool = False
     chunk_size: int = 1024
+    diagnostics: bool = False
     lengths: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -92,9 +94,24 @@ class PreferenceTask:
         batch = self.collate(idx).to(device)
         pol = run_policy(module, batch)
         ref_out, ref_sums = self.reference(idx, batch, device)
-        out = self.objective(pair_logps(pol, ref_out, ref_sums=ref_sums), num_pairs=num_items,
-                             num_chosen_tokens=num_tokens)
-        return out.loss, out.metrics, out.per_pair
+        pl = pair_logps(pol, ref_out, ref_sums=ref_sums)
+        out = self.objective(pl, num_pairs=num_items, num_chosen_tokens=num_tokens)
+        metrics = out.metrics
+        if self.diagnostics and torch.is_grad_enabled():
+            metrics = {**metrics, **step_metrics(pl, out.loss, self.objective)}
+        return out.loss, metrics, out.per_pair
+
+    @torch.no_grad()
+    def ref_sums_for(self, idx: Sequence[int], device) -> torch.Tensor | None:
+        """(len(idx), 2) reference sums of these pairs, precomputed or from the live reference."""
+        if not self.objective.needs_reference:
+            return None
+        if self.ref_sums is not None:
+            return self.ref_sums[list(idx)]
+        batch = self.collate(idx).to(device)
+        out, _ = self.reference(idx, batch, device)
+        s = out.logps.sum(-1).float().cpu()
+        return torch.stack([s[:len(idx)], s[len(idx):]], -1)
 
     def calibrate(self, module, idx: Sequence[int], device, gather) -> None:
         batch = self.collate(idx).to(device)

@@ -136,6 +136,37 @@ def _calibrate(s: Setup, sched: Schedule) -> None:
                 log.info("gate calibrated: tau=%.4g sharpness=%.4g", b.tau, b.sharpness)
 
 
+def _after_step(s: Setup, step: int, sched: Schedule, metrics: dict[str, float], logger: RunLogger) -> None:
+    """Probe, log, evaluate and checkpoint on the steps the config asks for."""
+    cfg = s.cfg
+    if step == 1 and s.accelerator.num_processes > 1:
+        s.check_replicas_agree()
+    if (cfg.diagnostics_steps and step % cfg.diagnostics_steps == 0) or step == sched.total:
+        metrics.update(s.probe_metrics())
+    if step % cfg.logging_steps == 0 or step == sched.total:
+        logger.write(step, {"epoch": step / sched.per_epoch, **metrics})
+    if cfg.save_steps and step % cfg.save_steps == 0 and step < sched.total:
+        _save(s, step, sched)
+    if cfg.eval_steps and step % cfg.eval_steps == 0:
+        logger.write(step, s.evaluate())
+
+
+def _loop(s: Setup, sched: Schedule, start: int, logger: RunLogger, stop: _StopFlag) -> tuple[int, dict]:
+    bar = s.progress(sched.total, start)
+    metrics: dict[str, float] = {}
+    step = start
+    try:
+        while step < sched.total and stop.signal is None:
+            metrics = train_step(s, sched.batch(step))
+            step += 1
+            _after_step(s, step, sched, metrics, logger)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}")
+    finally:
+        bar.close()
+    return step, metrics
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     """Train as the config says; returns where the model and metrics are."""
     s = build_setup(cfg)
@@ -147,37 +178,21 @@ def train(cfg: TrainConfig) -> TrainResult:
         _calibrate(s, sched)
     logger = RunLogger(s.run_dir, cfg.report_to, cfg.to_dict(), main=s.accelerator.is_main_process,
                        resume=start > 0)
+    if start == 0:
+        logger.write(0, s.probe_metrics())  # the probes' start values
     stop = _StopFlag()
-    bar = s.progress(sched.total, start)
-    metrics: dict[str, float] = {}
-    step = start
     try:
-        while step < sched.total and stop.signal is None:
-            metrics = train_step(s, sched.batch(step))
-            step += 1
-            if step == 1 and s.accelerator.num_processes > 1:
-                s.check_replicas_agree()
-            if step % cfg.logging_steps == 0 or step == sched.total:
-                logger.write(step, {"epoch": step / sched.per_epoch, **metrics})
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}")
-            if cfg.save_steps and step % cfg.save_steps == 0 and step < sched.total:
-                _save(s, step, sched)
-            if cfg.eval_steps and step % cfg.eval_steps == 0:
-                logger.write(step, s.evaluate())
+        step, metrics = _loop(s, sched, start, logger, stop)
     finally:
-        bar.close()
         stop.restore()
+    _save(s, step, sched)
     if stop.signal is not None:
-        _save(s, step, sched)
         log.warning("stopped by signal %d at step %d; checkpoint saved, resume with resume=true",
                     stop.signal, step)
         logger.close()
         return TrainResult(s.run_dir, s.run_dir / "model", step, metrics, stopped_early=True)
-    _save(s, step, sched)
     final = s.evaluate() if cfg.eval_file else {}
     if final:
         logger.write(step, final)
     logger.close()
-    model_dir = s.save_final_model()
-    return TrainResult(s.run_dir, model_dir, step, {**metrics, **final})
+    return TrainResult(s.run_dir, s.save_final_model(), step, {**metrics, **final})
