@@ -243,11 +243,11 @@ def _probe(cfg: TrainConfig, tokenizer, task, eval_task, device) -> tuple[Probe 
 def build_setup(cfg: TrainConfig) -> Setup:
     acc = make_accelerator(cfg)
     torch.manual_seed(cfg.seed)
-    run_dir = _prepare_run_dir(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, gguf_file=cfg.gguf_file,
                                trust_remote_code=cfg.trust_remote_code, tokenizer_class=cfg.tokenizer_class)
     data, texts = _data(cfg, tokenizer, cfg.train_file)
     model = _model(cfg, tokenizer, texts, acc.device)
+    run_dir = _prepare_run_dir(cfg)  # after the inputs are known good: a bad row leaves no run folder
     objective = cfg.build_objective()
     ref_info: dict[str, Any] = {}
     if objective is None:

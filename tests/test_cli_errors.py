@@ -1,0 +1,74 @@
+"""Errors on the command line: one paragraph naming the file, row and field, exit code 2, no Python
+traceback (``--debug`` shows it), and no run folder left behind."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from poise.tiny import build_tiny_model, build_tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("m")
+    tok = build_tiny_tokenizer()
+    build_tiny_model(tok, hidden_size=32).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "poise", *args], capture_output=True, text=True, timeout=120)
+
+
+def run_here(capsys, *args):
+    """The CLI's main() in this process (faster than a subprocess; same code path)."""
+    from poise.cli import main
+
+    code = main(list(args))
+    err = capsys.readouterr().err
+    return code, err
+
+
+def cfg(tmp_path, model_dir, data):
+    (tmp_path / "d.jsonl").write_text(data)
+    p = tmp_path / "c.yaml"
+    p.write_text(f"model: {model_dir}\ntrain_file: {tmp_path / 'd.jsonl'}\noutput_dir: {tmp_path / 'run'}\n"
+                 "method: dpo\nbatch_size: 1\nmicro_batch_size: 1\nmax_steps: 1\n")
+    return p
+
+
+GOOD = json.dumps({"prompt": "the cat", "chosen": " sat", "rejected": " ran"}) + "\n"
+
+
+@pytest.mark.parametrize("data,expect", [
+    (GOOD + '{"prompt": "a", "chosen": "b"\n', ["d.jsonl", "line 2", "JSON"]),
+    (GOOD + json.dumps({"prompt": "a", "chosen": " x", "rejected": " x"}) + "\n", ["line 2", "identical"]),
+    (GOOD + json.dumps({"prompt": "a", "chosen": "  ", "rejected": " x"}) + "\n", ["line 2", "chosen"]),
+    (GOOD + json.dumps({"prompt": "a", "chosen": 3, "rejected": " x"}) + "\n", ["line 2", "chosen"]),
+])
+def test_bad_rows(tmp_path, model_dir, data, expect, capsys):
+    code, err = run_here(capsys, "train", str(cfg(tmp_path, model_dir, data)))
+    assert code == 2, err
+    for word in expect:
+        assert word in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_skip_mode_counts_rows(tmp_path, model_dir, caplog):
+    from poise.cli import main
+
+    data = GOOD * 2 + json.dumps({"prompt": "a", "chosen": " x", "rejected": " x"}) + "\n"
+    with caplog.at_level("INFO", logger="poise"):
+        assert main(["train", str(cfg(tmp_path, model_dir, data)), "on_bad_row=skip"]) == 0
+    assert any("kept 2 of 3 rows; skipped 1" in r.getMessage() for r in caplog.records)
+
+
+def test_real_command_line_has_no_traceback_unless_debug(tmp_path, model_dir):
+    path = str(cfg(tmp_path, model_dir, GOOD + "{broken\n"))
+    out = run("train", path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "line 2" in out.stderr
+    out = run("--debug", "train", path)
+    assert out.returncode != 0 and "Traceback" in out.stderr
