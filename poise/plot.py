@@ -20,6 +20,7 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import LogFormatter  # noqa: E402
 
+from .errors import PoiseError  # noqa: E402
 from .report import CHOSEN_KEYS, OTHERS_KEYS, RATIO_KEY, REJECTED_KEYS, Run, fmt, load_runs  # noqa: E402
 
 DPI = 100
@@ -37,6 +38,13 @@ def run_colors(runs: Sequence[Run]) -> Colors:
     labels = list(dict.fromkeys(r.label for r in runs))
     cmap = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
     return {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
+
+
+class _PlainLog(LogFormatter):
+    """Log-axis tick labels as plain numbers (0.6, 2, 6) rather than 6x10^-1 or 6e-01."""
+
+    def _num_to_string(self, x, vmin, vmax):
+        return f"{x:g}"
 
 
 def _smooth(steps: list[float], values: list[float]) -> tuple[np.ndarray, np.ndarray] | None:
@@ -76,8 +84,8 @@ def _curves(ax: Axes, runs: Sequence[Run], colors: Colors, keys: Sequence[str], 
         ax.grid(alpha=0.3)
         if log:
             ax.set_yscale("log")
-            ax.yaxis.set_major_formatter(LogFormatter())  # 0.5, 2, 6 rather than 5x10^-1
-            ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+            ax.yaxis.set_major_formatter(_PlainLog())
+            ax.yaxis.set_minor_formatter(_PlainLog(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
             ax.grid(which="minor", axis="y", alpha=0.15)
         if legend:
             ax.legend(fontsize=8, loc="best")
@@ -86,18 +94,20 @@ def _curves(ax: Axes, runs: Sequence[Run], colors: Colors, keys: Sequence[str], 
 
 def _source(used: list[str]) -> str:
     probe = [k.startswith("probe/") for k in used]
-    return "probe set" if all(probe) else "training batches" if not any(probe) else "probe set / batches"
+    if not used:
+        return ""
+    return " (probe set)" if all(probe) else " (training batches)" if not any(probe) else " (probe set / batches)"
 
 
 def draw_chosen(ax: Axes, runs: Sequence[Run], colors: Colors, legend: bool = True) -> bool:
     used = _curves(ax, runs, colors, CHOSEN_KEYS, legend=legend)
-    ax.set(title=f"Chosen log-prob ({_source(used)})", ylabel=LOGP_LABEL)
+    ax.set(title=f"Chosen log-prob{_source(used)}", ylabel=LOGP_LABEL)
     return bool(used)
 
 
 def draw_rejected(ax: Axes, runs: Sequence[Run], colors: Colors, legend: bool = True) -> bool:
     used = _curves(ax, runs, colors, REJECTED_KEYS, legend=legend)
-    ax.set(title=f"Rejected log-prob ({_source(used)})", ylabel=LOGP_LABEL)
+    ax.set(title=f"Rejected log-prob{_source(used)}", ylabel=LOGP_LABEL)
     return bool(used)
 
 
@@ -126,16 +136,37 @@ def _run_handles(runs: Sequence[Run], colors: Colors) -> list[Line2D]:
     return [Line2D([], [], color=colors[r.label], lw=6, label=r.label) for r in runs]
 
 
+def _legend_columns(runs: Sequence[Run], width_chars: int) -> int:
+    return max(1, min(len(runs), width_chars // (max(len(r.label) for r in runs) + 6)))
+
+
+def _bar_legend(ax: Axes, runs: Sequence[Run], colors: Colors) -> None:
+    """A legend below the axes: bars fill the plot, and a twin axis would hide a legend inside it."""
+    ax.legend(handles=_run_handles(runs, colors), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08),
+              ncol=_legend_columns(runs, 90), frameon=False)
+
+
+def _align_zero(a: Axes, b: Axes) -> None:
+    """Set the y-limits of two twin axes so that 0 sits at the same height on both."""
+    (lo1, hi1), (lo2, hi2) = a.get_ylim(), b.get_ylim()
+    if min(hi1, hi2) <= 0:
+        return
+    f = max(0.0, -lo1 / (hi1 - lo1), -lo2 / (hi2 - lo2))  # the share of the axis below zero
+    a.set_ylim(-f * hi1 / (1 - f), hi1)
+    b.set_ylim(-f * hi2 / (1 - f), hi2)
+
+
 def draw_eval(ax: Axes, runs: Sequence[Run], colors: Colors, legend: bool = True) -> bool:
-    """Grouped bars: gold reward on the left axis, win rates (own scale) on the right axis."""
+    """Grouped bars: gold reward on the left axis, win rates (their own scale) on the right axis."""
     groups = [(k, t) for k, t in EVAL_BARS if any(r.score(k) is not None for r in runs)]
+    ax.set_title("Gold reward and win rates")
     if not groups:
-        ax.set_title("Gold reward and win rates")
         return False
-    has_gold, has_rates = groups[0][0] == "gold_reward", len(groups) > 1 or groups[0][0] != "gold_reward"
+    runs = [r for r in runs if any(r.score(k) is not None for k, _ in groups)]
+    has_gold = groups[0][0] == "gold_reward"
+    has_rates = len(groups) > int(has_gold)
     rate_ax = ax.twinx() if has_gold and has_rates else ax
     width = 0.8 / len(runs)
-    rates = []
     for gi, (key, _) in enumerate(groups):
         target = ax if key == "gold_reward" else rate_ax
         for ri, run in enumerate(runs):
@@ -143,40 +174,48 @@ def draw_eval(ax: Axes, runs: Sequence[Run], colors: Colors, legend: bool = True
             if v is not None:
                 x = gi + (ri - (len(runs) - 1) / 2) * width
                 target.bar(x, v, width * 0.95, color=colors[run.label])
-                _label_bar(target, x, v)
-                rates += [] if key == "gold_reward" else [v]
+                if len(runs) <= 5:  # more would overlap
+                    _label_bar(target, x, v)
     ax.set_xticks(range(len(groups)), [t for _, t in groups])
+    ax.set_xlim(-0.5, len(groups) - 0.5)
+    ax.margins(y=0.12)
+    rate_ax.margins(y=0.12)
     if has_gold:
         ax.set_ylabel("gold reward (reward-model score)")
         ax.axhline(0, color="0.5", lw=0.8)
     if has_rates:
+        rates = [r.score(k) for r in runs for k, _ in groups[int(has_gold):] if r.score(k) is not None]
         rate_ax.set_ylabel("win rate (vs. the comparison model)")
-        half = 0.5 if max(rates) <= 1 else 50.0
-        rate_ax.axhline(half, color="0.3", ls="--", lw=1, xmin=0.5 if has_gold else 0)
-        if has_gold:
-            ax.axvline(0.5, color="0.6", lw=0.8)
-    ax.set_title("Gold reward (left axis) and win rates (right axis)" if has_gold and has_rates
-                 else "Gold reward" if has_gold else "Win rates")
-    ax.margins(y=0.12)
-    rate_ax.margins(y=0.12)
-    if legend:  # below the axes: bars fill the plot, and a twin axis would hide a legend inside it
-        rate_ax.legend(handles=_run_handles(runs, colors), fontsize=8, loc="upper center",
-                       bbox_to_anchor=(0.5, -0.08), ncol=min(len(runs), 4), frameon=False)
+        rate_ax.hlines(0.5 if max(rates) <= 1 else 50.0, int(has_gold) - 0.5, len(groups) - 0.5, color="0.3",
+                       ls="--", lw=1)  # a tie
+    if has_gold and has_rates:
+        ax.axvline(0.5, color="0.6", lw=0.8)
+        ax.set_title("Gold reward (left axis) and win rates (right axis)")
+        _align_zero(ax, rate_ax)
+    if legend:
+        _bar_legend(rate_ax, runs, colors)
     return True
 
 
 def draw_length(ax: Axes, runs: Sequence[Run], colors: Colors, legend: bool = True) -> bool:
     ax.set_title("Mean response length")
-    scored = [(i, r, r.score("mean_length")) for i, r in enumerate(runs) if r.score("mean_length") is not None]
+    scored = [(r, r.score("mean_length")) for r in runs if r.score("mean_length") is not None]
+    scored = [(i, r, v) for i, (r, v) in enumerate(scored)]
     if not scored:
         return False
     for i, run, v in scored:
         ax.bar(i, v, 0.7, color=colors[run.label])
         _label_bar(ax, i, v)
-    ax.set_xticks([i for i, _, _ in scored], [r.label for _, r, _ in scored], rotation=20, ha="right",
-                  fontsize=8)
+    labels = [r.label for _, r, _ in scored]
+    if len(labels) <= 6 and max(map(len, labels)) <= 16:
+        ax.set_xticks([i for i, _, _ in scored], labels, rotation=20, ha="right", rotation_mode="anchor", fontsize=8)
+    else:  # long labels would overlap under the bars: the legend names them
+        ax.set_xticks([])
+        if legend:
+            _bar_legend(ax, [r for _, r, _ in scored], colors)
     ax.set_ylabel("mean length (tokens)")
     ax.grid(axis="y", alpha=0.3)
+    ax.margins(y=0.1)
     return True
 
 
@@ -198,8 +237,8 @@ PANELS: list[tuple[str, Draw]] = [
 ]
 
 
-def _save(fig, path: Path) -> Path:
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+def _save(fig, path: Path, tight: bool = True) -> Path:
+    fig.savefig(path, dpi=DPI, bbox_inches="tight" if tight else None)
     plt.close(fig)
     return path
 
@@ -209,6 +248,8 @@ def _key_stem(key: str) -> str:
 
 
 def _as_runs(runs: Sequence[Run | str | Path]) -> list[Run]:
+    if not runs:
+        raise PoiseError("poise plot: give at least one run folder.")
     if all(isinstance(r, Run) for r in runs):
         return list(runs)  # type: ignore[arg-type]
     return load_runs([r.path if isinstance(r, Run) else r for r in runs])
@@ -223,14 +264,15 @@ def plot_overview(runs: Sequence[Run | str | Path], out_path: str | Path) -> Pat
         if not draw(ax, runs, colors, False):
             ax.text(0.5, 0.5, "no run logged this", ha="center", va="center", transform=ax.transAxes,
                     color="0.4", fontsize=11)
-            ax.set_xticks([])
-            ax.set_yticks([])
-    fig.legend(handles=_run_handles(runs, colors), loc="upper center", ncol=min(len(runs), 5), fontsize=10,
+            ax.set(xticks=[], yticks=[], ylabel="")
+    ncol = _legend_columns(runs, 150)
+    rows = -(-len(runs) // ncol)
+    fig.legend(handles=_run_handles(runs, colors), loc="upper center", ncol=ncol, fontsize=10,
                frameon=False, bbox_to_anchor=(0.5, 1.0))
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.tight_layout(rect=(0, 0, 1, 0.98 - 0.028 * rows))
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    return _save(fig, out)
+    return _save(fig, out, tight=False)  # tight_layout has placed everything already
 
 
 def plot_main(run_dirs: list[str], out_dir: str, keys: list[str] | None = None, *,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,13 +32,16 @@ _NOT_LABEL_KEYS = {"output_dir", "resume", "cache_dir", "report_to", "train_file
 
 @dataclass
 class Run:
-    """One run folder, read."""
+    """One run folder, read. ``label`` is unique among the runs of a report; ``name`` is the label
+    before :func:`load_runs` told alike runs apart (the eval.json label, or method and hyperparameters)."""
 
     path: Path
     label: str
+    name: str = ""
     config: dict[str, Any] = field(default_factory=dict)
     metrics: list[dict[str, Any]] = field(default_factory=list)
     eval: dict[str, Any] = field(default_factory=dict)
+    _series: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def method(self) -> str:
@@ -54,14 +57,12 @@ class Run:
         return finite(self.eval.get(key))
 
     def series(self, key: str) -> tuple[list[float], list[float]]:
-        """(steps, values) of a metric over the rows that hold a finite value of it."""
-        steps, values = [], []
-        for i, row in enumerate(self.metrics):
-            v = finite(row.get(key))
-            if v is not None:
-                steps.append(finite(row.get("step")) if finite(row.get("step")) is not None else float(i))
-                values.append(v)
-        return steps, values
+        """(steps, values) of a metric over the rows that hold a finite value of it (do not modify)."""
+        if key not in self._series:
+            pairs = [(finite(row.get("step")), finite(row.get(key)), i) for i, row in enumerate(self.metrics)]
+            pairs = [(float(i) if s is None else s, v) for s, v, i in pairs if v is not None]
+            self._series[key] = ([s for s, _ in pairs], [v for _, v in pairs])
+        return self._series[key]
 
     def first_key(self, keys: Iterable[str]) -> str | None:
         """The first of ``keys`` that has at least one finite value in this run."""
@@ -70,10 +71,7 @@ class Run:
     def change(self, keys: Iterable[str]) -> float | None:
         """Last minus first value of the first key in ``keys`` that the run logged."""
         key = self.first_key(keys)
-        if key is None:
-            return None
-        values = self.series(key)[1]
-        return values[-1] - values[0]
+        return None if key is None else self.series(key)[1][-1] - self.series(key)[1][0]
 
     def mean(self, key: str) -> float | None:
         values = self.series(key)[1]
@@ -99,10 +97,8 @@ def finite(v: Any) -> float | None:
 
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
+    rows: list[dict[str, Any]] = []
+    for line in path.read_text().splitlines() if path.exists() else []:
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
@@ -149,7 +145,8 @@ def load_run(run_dir: str | Path) -> Run:
     config = _read_mapping(files[1], yaml.safe_load)
     ev = _read_mapping(files[2], json.loads)
     label = ev.get("label") or _hyper_label(config) or path.name
-    return Run(path=path, label=str(label), config=config, metrics=_read_metrics(files[0]), eval=ev)
+    return Run(path=path, label=str(label), name=str(label), config=config, metrics=_read_metrics(files[0]),
+               eval=ev)
 
 
 def load_runs(run_dirs: Sequence[str | Path]) -> list[Run]:
@@ -231,8 +228,8 @@ GRID_METRICS = (("gold_reward", "gold reward"), ("lc_win_rate", "LC win rate"))
 
 
 def _entrants(runs: Sequence[Run]) -> dict[str, dict[str, Run]]:
-    """cell -> entrant name -> run. The entrant is the method, or the label for a method that has
-    several runs in one cell."""
+    """cell -> entrant -> run. The entrant is the method, or the run's name for a method with several
+    runs in one cell."""
     seen: dict[tuple[str, str], int] = defaultdict(int)
     for r in runs:
         if r.cell is not None:
@@ -241,7 +238,7 @@ def _entrants(runs: Sequence[Run]) -> dict[str, dict[str, Run]]:
     cells: dict[str, dict[str, Run]] = defaultdict(dict)
     for r in runs:
         if r.cell is not None:
-            cells[r.cell][r.label if r.method in split else r.method] = r
+            cells[r.cell][r.name or r.label if r.method in split else r.method] = r
     return dict(sorted(cells.items()))
 
 
@@ -333,11 +330,11 @@ def _extremes(runs: Sequence[Run], key: str, what: str, high: str, low: str) -> 
 
 
 def _ratio_sentence(runs: Sequence[Run]) -> str | None:
-    parts = [f"{r.mean(RATIO_KEY):.2g}x in {r.label}" for r in runs if r.mean(RATIO_KEY) is not None]
+    parts = [f"{r.mean(RATIO_KEY):.2g} in {r.label}" for r in runs if r.mean(RATIO_KEY) is not None]
     if not parts:
         return None
-    return ("The rejected side's logit-gradient norm averaged " + ", ".join(parts)
-            + " the chosen side's (above 1: the push-down on rejected responses dominates).")
+    return ("Mean logit-gradient norm ratio, rejected over chosen (above 1: the push on the rejected "
+            "side dominates): " + ", ".join(parts) + ".")
 
 
 def _below_ref_sentence(runs: Sequence[Run]) -> str | None:
@@ -350,25 +347,18 @@ def _below_ref_sentence(runs: Sequence[Run]) -> str | None:
 
 def _tally(runs: Sequence[Run]) -> list[str]:
     """"On gold reward adadpo wins 10 of 16 cells, dpo 6"."""
-    cells = _entrants(runs)
     out = []
     for key, title in GRID_METRICS:
-        wins: dict[str, int] = defaultdict(int)
-        scored = 0
-        for entrants in cells.values():
-            names, _ = _winners(entrants, key)
-            scored += bool(names)
-            for n in names:
-                wins[n] += 1
+        winners = [_winners(entrants, key)[0] for entrants in _entrants(runs).values()]
+        scored = sum(bool(w) for w in winners)
         if scored:
-            ranked = sorted(wins.items(), key=lambda kv: (-kv[1], kv[0]))
-            first, rest = ranked[0], ranked[1:]
-            out.append(f"On {title}, {first[0]} wins {first[1]} of {scored} cells"
-                       + "".join(f", {n} {k}" for n, k in rest) + " (ties count for each).")
+            ranked = sorted(Counter(n for w in winners for n in w).items(), key=lambda kv: (-kv[1], kv[0]))
+            out.append(f"On {title}, {ranked[0][0]} wins {ranked[0][1]} of {scored} cells"
+                       + "".join(f", {n} {k}" for n, k in ranked[1:]) + " (ties count for each).")
     return out
 
 
-def summary_sentences(runs: Sequence[Run], baseline: str = "dpo") -> list[str]:
+def summary_sentences(runs: Sequence[Run]) -> list[str]:
     """Plain sentences read off the numbers, for the report's "what the numbers say" list."""
     sentences = [
         _moves(runs, CHOSEN_KEYS, "chosen log-prob"),
@@ -381,9 +371,7 @@ def summary_sentences(runs: Sequence[Run], baseline: str = "dpo") -> list[str]:
         _extremes(runs, "kl_to_reference", "KL to the reference", "largest", "smallest"),
         _extremes(runs, "mean_length", "mean length", "longest", "shortest"),
     ]
-    out = [s for s in sentences if s]
-    if any(r.cell is not None for r in runs):
-        out += _tally(runs) + [s + "." for s in beats_sentences(runs, baseline)]
+    out = [s for s in sentences if s] + _tally(runs)  # the grid section has the "beats" counts
     return out or ["No numbers to compare: the runs logged no log-probs and have no eval.json."]
 
 
@@ -396,7 +384,7 @@ def build_report(runs: Sequence[Run], baseline: str = "dpo") -> str:
               "grad ratio: mean of diag/logit_grad_ratio, rejected over chosen.", ""]
     if any(r.cell is not None for r in runs):
         lines += ["## Grid", "", grid_table(runs, baseline), ""]
-    lines += ["## What the numbers say", ""] + [f"- {s}" for s in summary_sentences(runs, baseline)]
+    lines += ["## What the numbers say", ""] + [f"- {s}" for s in summary_sentences(runs)]
     return "\n".join(lines) + "\n"
 
 
