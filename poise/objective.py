@@ -180,8 +180,14 @@ class Objective:
         return {b.name: b.state_dict() for b in self.balancers if b.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved; a state for another set of balancers is an error."""
+        expected = set(self.state_dict())
+        if set(state) != expected:
+            raise ValueError(f"objective state has entries for {sorted(state)} but {self.name!r} keeps state "
+                             f"for {sorted(expected)}; was it saved by another method?")
         for b in self.balancers:
-            b.load_state_dict(state.get(b.name, {}))
+            if b.name in state:
+                b.load_state_dict(state[b.name])
 
 
 def _base_metrics(seq: PairSeq, rewards: tuple[Tensor, Tensor], per_pair: Tensor,

@@ -106,3 +106,11 @@ def test_explicit_calibration_with_gather():
     obj.calibrate(_phat_batch([0.1, 0.2]), gather=lambda t: (seen.append(t), torch.cat([t, t + 0.5]))[1])
     assert len(seen) == 1 and not obj.needs_calibration
     assert obj.balancers[0].tau == pytest.approx(torch.tensor([0.1, 0.2, 0.6, 0.7], dtype=D).quantile(0.25).item())
+
+
+def test_state_of_another_method_is_refused():
+    with pytest.raises(ValueError, match="another method"):
+        Objective("dpo", balance=["gate"]).load_state_dict({})
+    with pytest.raises(ValueError, match="another method"):
+        Objective("dpo", balance=["ada"]).load_state_dict({"gate": {"tau": 0.1, "seen": []}})
+    Objective("dpo", balance=["ada"]).load_state_dict({})
