@@ -127,6 +127,9 @@ class TrainConfig:
     eval_steps: int = F(0, "Evaluate on eval_file every this many steps (0: only at the end).", "run")
     report_to: list[str] = F([], "Also log to: tensorboard, wandb (each when installed).", "run")
     cpu: bool = F(False, "Run on the CPU even when a GPU is present.", "run")
+    on_nonfinite: Literal["stop", "skip"] = F(
+        "stop", "A non-finite loss or gradient is reported with its step and pairs; stop: save a checkpoint "
+        "of the last good weights and stop; skip: drop that step's update and go on.", "run")
     # -- the method's hyperparameters (beta, ada_clip, ...) ------------------------------------------
     hyperparameters: dict[str, Any] = field(default_factory=dict, metadata={"doc": "", "group": "hidden"})
 

