@@ -130,6 +130,9 @@ def make_prompts(n: int, seed: int = 0, *, ops: tuple[str, ...] = OPS) -> list[s
     Operations cycle through ``ops`` (so each gets n / len(ops) prompts, in a seeded random order);
     the word lists have 2..5 words drawn uniformly with replacement.
     """
+    capacity = len(ops) * sum(len(WORDS) ** k for k in range(MIN_WORDS, MAX_WORDS + 1))
+    if n > capacity:
+        raise ValueError(f"only {capacity} distinct prompts exist for operations {ops}, asked for {n}")
     rng = random.Random(f"poise-testbed-prompts:{seed}")
     schedule = [ops[i % len(ops)] for i in range(n)]
     rng.shuffle(schedule)
