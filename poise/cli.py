@@ -82,16 +82,88 @@ def cmd_config_docs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    """The built-in comparison on the offline testbed (see poise/quickstart.py)."""
+    from .quickstart import Options, run_quickstart
+
+    if args.model != "tiny":
+        from .errors import ConfigError
+
+        raise ConfigError(f"quickstart --model {args.model} is not available yet; use --model tiny.")
+    run_quickstart(Options(out=args.out, seed=args.seed))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate a finished run: held-out metrics, KL, generations, gold scores (eval.json)."""
+    import json
+
+    from .evaluate import evaluate_run
+
+    result = evaluate_run(args.run, eval_file=args.eval_file, num_prompts=args.prompts,
+                          max_new_tokens=args.max_new_tokens, gold=args.gold, seed=args.seed)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Tables comparing runs (and grid cells) as Markdown."""
+    from .report import report_main
+
+    print(report_main(args.runs, args.out, baseline=args.baseline))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Overlay the curves of several runs as PNG files."""
+    from .plot import plot_main
+
+    for path in plot_main(args.runs, args.out, keys=args.key or None):
+        print(path)
+    return 0
+
+
+def _quickstart_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="quickstart", help="output folder (default: quickstart)")
+    p.add_argument("--model", default="tiny", choices=["tiny", "smollm2"], help="model to compare methods on")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="a run folder written by poise train")
+    p.add_argument("--eval-file", default=None, help="held-out pairs (default: the run's eval_file)")
+    p.add_argument("--prompts", type=int, default=64, help="held-out prompts to generate for")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--gold", default=None, choices=["testbed"], help="score generations with a gold reward")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _runs_args(p: argparse.ArgumentParser, *, plot: bool) -> None:
+    p.add_argument("runs", nargs="+", help="run folders")
+    if plot:
+        p.add_argument("--out", default="plots", help="folder for the PNG files")
+        p.add_argument("--key", action="append", help="also plot this metric (repeatable)")
+    else:
+        p.add_argument("--out", default=None, help="also write the report to this Markdown file")
+        p.add_argument("--baseline", default="dpo", help="method the others are compared with")
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override a key of the config")
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, Callable | None]] = {
+    "quickstart": (cmd_quickstart, "offline comparison of DPO and the balancers on the testbed",
+                   _quickstart_args),
     "ls": (cmd_ls, "list every loss, balancer and preset with its paper", None),
     "train": (cmd_train, "train a model: poise train CONFIG.yaml [key=value ...]", _config_args),
     "validate": (cmd_validate, "check a config without loading any model", _config_args),
     "show": (cmd_show, "print the resolved config", _config_args),
+    "eval": (cmd_eval, "evaluate a finished run (eval.json, generations.jsonl)", _eval_args),
+    "report": (cmd_report, "compare runs: tables per method and per grid cell",
+               lambda p: _runs_args(p, plot=False)),
+    "plot": (cmd_plot, "overlay the curves of several runs", lambda p: _runs_args(p, plot=True)),
     "config-docs": (cmd_config_docs, "write the config reference (docs/config.md)",
                     lambda p: p.add_argument("--output", default="docs/config.md")),
 }

@@ -230,9 +230,10 @@ def _probe(cfg: TrainConfig, tokenizer, task, eval_task, device) -> tuple[Probe 
     idx = list(range(min(cfg.probe_pairs, len(source))))
     others = None
     if cfg.probe_file:
-        rows = [Row(r.source, r.index, {"prompt": r.data.get("prompt"), "chosen": r.data.get("response"),
-                                        "rejected": f"{r.data.get('response')}\n"}, r.unit)
-                for r in load_rows(cfg.probe_file)]  # rejected is a placeholder: only chosen is used
+        rows = [Row(r.source, r.index, {"prompt": r.data.get("prompt"), "chosen": r.data.get("chosen"),
+                                        "rejected": f"{r.data.get('chosen')}\n"}, r.unit)
+                for r in load_rows(cfg.probe_file, columns={"chosen": "response", "rejected": "response"})]
+        # rejected is a placeholder (only the response is used): {prompt, response} rows
         data = tokenize_rows(rows, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                              on_bad_row="skip")
         others = [(p.prompt_ids, p.chosen_ids) for p in data.pairs]

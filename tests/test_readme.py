@@ -17,6 +17,7 @@ def test_readme_example_runs(capsys):
 
 def test_first_screen_has_the_two_commands():
     first = "\n".join(README.read_text().splitlines()[:12])
+    assert "bash scripts/setup.sh && .venv/bin/poise quickstart" in first
     assert "bash scripts/setup.sh && .venv/bin/python -m pytest" in first
     ci = (README.parent / ".ci" / "run").read_text()
     assert "bash scripts/setup.sh && .venv/bin/python -m pytest" in ci
