@@ -106,6 +106,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Run (or list) the cells of a sweep file; finished runs are skipped."""
+    from .sweep import sweep_main
+
+    runs = sweep_main(args.sweep, only=args.only, list_only=args.list)
+    if runs:
+        print(f"{len(runs)} runs done; compare them with: poise report {' '.join(str(r) for r in runs[:3])} ...")
+    return 0
+
+
+def _sweep_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sweep", help="sweep YAML (output_dir, base, methods, grid, eval)")
+    p.add_argument("--only", default=None, help="run one cell/method id (for a cluster scheduler)")
+    p.add_argument("--list", action="store_true", help="print one command per run instead of running")
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """Tables comparing runs (and grid cells) as Markdown."""
     from .report import report_main
@@ -161,6 +177,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, Callable | N
     "validate": (cmd_validate, "check a config without loading any model", _config_args),
     "show": (cmd_show, "print the resolved config", _config_args),
     "eval": (cmd_eval, "evaluate a finished run (eval.json, generations.jsonl)", _eval_args),
+    "sweep": (cmd_sweep, "run a grid of methods x hyperparameters (resumable)", _sweep_args),
     "report": (cmd_report, "compare runs: tables per method and per grid cell",
                lambda p: _runs_args(p, plot=False)),
     "plot": (cmd_plot, "overlay the curves of several runs", lambda p: _runs_args(p, plot=True)),
