@@ -10,7 +10,8 @@ from poise.config import from_dict, load_config
 from poise.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = sorted((ROOT / "configs").rglob("*.yaml"))
+SHIPPED = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "sweeps" not in p.parts)
+SWEEPS = sorted((ROOT / "configs" / "sweeps").rglob("*.yaml"))
 BASE = {"model": "m", "train_file": "d.jsonl"}
 
 
@@ -26,6 +27,15 @@ def test_every_shipped_config_validates_and_opens_with_its_command(path):
     load_config(path)
     first = path.read_text().splitlines()[0]
     assert first.startswith(f"# poise train configs/{path.relative_to(ROOT / 'configs')}")
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_every_shipped_sweep_validates_every_cell(path):
+    from poise.sweep import load_sweep
+
+    _, cells = load_sweep(path)
+    assert len(cells) >= 16
+    assert path.read_text().startswith(f"# poise sweep configs/sweeps/{path.name}")
 
 
 @pytest.mark.parametrize("raw,match", [
