@@ -12,6 +12,11 @@ from poise.runlog import read_metrics
 from poise.trainer import train
 
 
+def steps(run_dir):
+    """The training-step rows of metrics.jsonl (not the probe row at step 0 or eval rows)."""
+    return [r for r in read_metrics(run_dir) if "loss" in r and r["step"] > 0]
+
+
 def params(run_dir):
     return load_file(str(run_dir / "model" / "model.safetensors"))
 
@@ -27,7 +32,7 @@ def assert_same_params(a, b, atol=1e-5):
 def test_first_dpo_step_is_ln2_and_loss_falls(make_cfg):
     """Policy == reference at step 1, so DPO's loss is ln 2 exactly; on a toy set it then falls."""
     res = train(make_cfg(method="dpo", max_steps=12, beta=0.5, learning_rate=3e-3))
-    rows = read_metrics(res.run_dir)
+    rows = steps(res.run_dir)
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert rows[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
     assert sum(r["loss"] for r in rows[-3:]) / 3 < math.log(2) - 0.05
@@ -47,8 +52,8 @@ def test_gradient_accumulation_gives_the_same_parameters(make_cfg):
 def test_precomputed_and_live_reference_give_the_same_losses(make_cfg):
     a = train(make_cfg(name="pre", method="gate-dpo", precompute_reference=True))
     b = train(make_cfg(name="live", method="gate-dpo", precompute_reference=False))
-    la = [r["loss"] for r in read_metrics(a.run_dir)]
-    lb = [r["loss"] for r in read_metrics(b.run_dir)]
+    la = [r["loss"] for r in steps(a.run_dir)]
+    lb = [r["loss"] for r in steps(b.run_dir)]
     assert la == pytest.approx(lb, abs=1e-6)
 
 
@@ -62,7 +67,7 @@ def test_reference_cache_is_reused(make_cfg, caplog):
 def test_lora_with_adapter_disabled_reference_trains(make_cfg):
     res = train(make_cfg(method="dpo", lora_r=4, lora_target_modules=["q_proj", "v_proj"], beta=0.5,
                          learning_rate=1e-2, max_steps=6))
-    rows = read_metrics(res.run_dir)
+    rows = steps(res.run_dir)
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # adapters start at zero: pi == ref
     assert rows[-1]["rewards/margins"] > 0
     cfg = json.loads((res.run_dir / "model" / "config.json").read_text())
@@ -72,7 +77,7 @@ def test_lora_with_adapter_disabled_reference_trains(make_cfg):
 def test_sft_and_extended_sft(make_cfg):
     a = train(make_cfg(name="sft", stage="sft", method="dpo"))
     b = train(make_cfg(name="xsft", stage="sft", extended_sft=True, method="dpo"))
-    ra, rb = read_metrics(a.run_dir), read_metrics(b.run_dir)
+    ra, rb = steps(a.run_dir), steps(b.run_dir)
     assert ra[0]["loss"] > 0 and rb[0]["loss"] > 0
     assert ra[-1]["loss"] < ra[0]["loss"]
 
@@ -85,8 +90,8 @@ def test_resume_gives_the_same_trajectory(make_cfg):
 
     resumed = train(replace(part_cfg, max_steps=6, resume=True))
     assert_same_params(params(full.run_dir), params(resumed.run_dir))
-    lf = [r["loss"] for r in read_metrics(full.run_dir)]
-    lr = [r["loss"] for r in read_metrics(resumed.run_dir)]
+    lf = [r["loss"] for r in steps(full.run_dir)]
+    lr = [r["loss"] for r in steps(resumed.run_dir)]
     assert lr == pytest.approx(lf, abs=1e-6)
 
 
