@@ -129,3 +129,9 @@ def test_nonfinite_loss_is_reported_with_its_pairs(make_cfg, monkeypatch, mode):
         rows = read_metrics(res.run_dir)
         assert any(r.get("nonfinite") for r in rows) and res.steps == 3
         assert all(math.isfinite(r.get("grad_norm", 0.0)) for r in rows)
+
+
+def test_gradient_checkpointing_gives_the_same_weights(make_cfg):
+    a = train(make_cfg(name="plain", method="adadpo", max_steps=2, diagnostics=False))
+    b = train(make_cfg(name="ckpt", method="adadpo", max_steps=2, diagnostics=False, gradient_checkpointing=True))
+    assert_same_params(params(a.run_dir), params(b.run_dir))
