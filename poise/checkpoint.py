@@ -24,6 +24,17 @@ import torch
 
 log = logging.getLogger("poise")
 MANIFEST = "manifest.json"
+#: Test hook: ``POISE_TEST_KILL_AT=<phase>:<step>`` SIGKILLs the process at that phase of writing that
+#: step's checkpoint (phases: model, state, manifest, rename), to test that a kill at any moment leaves
+#: a resumable run. Unset in normal use.
+KILL_ENV = "POISE_TEST_KILL_AT"
+
+
+def _kill_point(phase: str, step: int) -> None:
+    if os.environ.get(KILL_ENV) == f"{phase}:{step}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def sha256(path: Path) -> str:
@@ -77,24 +88,11 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, optimizer, sc
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    model.save_pretrained(tmp / "model", safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp / "model")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": rng_state()}, tmp / "training_state.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1, default=str))
-    files = sorted(p for p in tmp.rglob("*") if p.is_file())
-    for p in files:
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
-    manifest = {str(p.relative_to(tmp)): sha256(p) for p in files}
-    (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": manifest}, indent=1))
-    with open(tmp / MANIFEST, "rb") as f:
-        os.fsync(f.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
+    try:
+        final = _write(tmp, root, final, step, model, tokenizer, optimizer, scheduler, trainer_state)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half written is left behind
+        raise
     prune(root, keep)
     return final
 
@@ -137,3 +135,30 @@ def load_training_state(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(torch state with optimizer, scheduler, rng; trainer_state.json)."""
     state = torch.load(ckpt / "training_state.pt", weights_only=True, map_location="cpu")
     return state, json.loads((ckpt / "trainer_state.json").read_text())
+
+
+def _write(tmp: Path, root: Path, final: Path, step: int, model, tokenizer, optimizer, scheduler,
+           trainer_state: dict[str, Any]) -> Path:
+    model.save_pretrained(tmp / "model", safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp / "model")
+    _kill_point("model", step)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": rng_state()}, tmp / "training_state.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1, default=str))
+    _kill_point("state", step)
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    for p in files:
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+    manifest = {str(p.relative_to(tmp)): sha256(p) for p in files}
+    (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": manifest}, indent=1))
+    with open(tmp / MANIFEST, "rb") as f:
+        os.fsync(f.fileno())
+    _kill_point("manifest", step)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    _kill_point("rename", step)
+    return final

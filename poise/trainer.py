@@ -22,7 +22,7 @@ import torch
 
 from .checkpoint import latest_good, load_training_state, save_checkpoint, set_rng_state
 from .config import TrainConfig, dump_config
-from .errors import NonFiniteError
+from .errors import NonFiniteError, PoiseError
 from .runlog import MetricAccumulator, RunLogger, peak_memory_mb
 from .schedule import Schedule
 from .setup import Setup, build_setup
@@ -117,9 +117,14 @@ def _trainer_state(s: Setup, step: int, sched: Schedule) -> dict[str, Any]:
 def _save(s: Setup, step: int, sched: Schedule) -> None:
     s.accelerator.wait_for_everyone()
     if s.accelerator.is_main_process:
-        save_checkpoint(s.run_dir, step, model=s.unwrapped_model(), tokenizer=s.tokenizer,
-                        optimizer=s.optimizer, scheduler=s.scheduler,
-                        trainer_state=_trainer_state(s, step, sched), keep=s.cfg.save_total_limit)
+        try:
+            save_checkpoint(s.run_dir, step, model=s.unwrapped_model(), tokenizer=s.tokenizer,
+                            optimizer=s.optimizer, scheduler=s.scheduler,
+                            trainer_state=_trainer_state(s, step, sched), keep=s.cfg.save_total_limit)
+        except OSError as e:  # a full disk, a vanished folder: the previous checkpoint is intact
+            raise PoiseError(f"could not write the checkpoint of step {step} in {s.run_dir} ({e.strerror or e}). "
+                             "The previous checkpoint is kept; free space (or choose another output_dir) "
+                             "and resume with resume=true.") from e
     s.accelerator.wait_for_everyone()
 
 
