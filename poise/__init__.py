@@ -1,5 +1,6 @@
 """poise: preference optimization with balanced gradients."""
 
+from .api import evaluate, train
 from .errors import ConfigError, DataError, PoiseError
 from .objective import Objective, objective
 from .presets import PRESETS
@@ -8,4 +9,4 @@ from .types import ObjectiveOutput, PairLogps
 __version__ = "0.1.0"
 
 __all__ = ["ConfigError", "DataError", "Objective", "ObjectiveOutput", "PRESETS", "PairLogps",
-           "PoiseError", "objective", "__version__"]
+           "PoiseError", "evaluate", "objective", "train", "__version__"]

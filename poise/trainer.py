@@ -23,6 +23,7 @@ import torch
 from .checkpoint import latest_good, load_training_state, save_checkpoint, set_rng_state
 from .config import TrainConfig, dump_config
 from .errors import NonFiniteError, PoiseError
+from .modelcard import write_model_card
 from .runlog import MetricAccumulator, RunLogger, peak_memory_mb
 from .schedule import Schedule
 from .setup import Setup, build_setup
@@ -238,4 +239,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if final:
         logger.write(step, final)
     logger.close()
-    return TrainResult(s.run_dir, s.save_final_model(), step, {**metrics, **final})
+    model_dir = s.save_final_model()
+    if s.accelerator.is_main_process:
+        write_model_card(s.run_dir, cfg, {**metrics, **final})
+    return TrainResult(s.run_dir, model_dir, step, {**metrics, **final})
