@@ -1,0 +1,415 @@
+"""One benchmark measurement per process: ``python benchmarks/_workers.py KIND SPEC.json OUT.json``.
+
+KIND is ``poise``, ``trl`` or ``bare`` (one training run of a contender), ``balancers`` (poise's plain DPO
+and its three balanced presets, step-interleaved in one process) or ``memscan`` (one forward + backward of
+the log-prob engine or of a full log-softmax). Each run is a fresh process, so that its memory figures are
+its own. What is timed: only the training steps. A step's time is the wall time from the end of the previous
+step to the end of this one (batch collation, forward, backward, clipping, optimizer and scheduler, and
+the per-step bookkeeping of the trainer); model loading, tokenization and the reference precompute happen
+before the first step and are not timed.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import PeakMemory, cpu_now, now, process_peak_mib, read_json, rows_digest, write_json  # noqa: E402
+
+
+class _Done(Exception):
+    """Raised after the last measured step, to leave poise's loop before its final checkpoint (untimed)."""
+
+
+def _threads(spec: dict) -> None:
+    import torch
+
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+        torch.set_num_interop_threads(int(spec["threads"]))
+
+
+def _finish(rec: dict, batches: list, spec: dict, peak: PeakMemory) -> dict:
+    """Digest and count the recorded batches (after the timed region)."""
+    import torch
+
+    digests = [rows_digest(ids, mask) for ids, mask in batches]
+    rec.update({
+        "torch_threads": torch.get_num_threads(),
+        "row_digests": [d for d, _ in digests],
+        "tokens_per_step": [n for _, n in digests],
+        "peak_train_mib": peak.peak_mib(),
+        "mem_at_train_start_mib": peak.start_mib,
+        "peak_method": peak.method(),
+        "peak_process_mib": process_peak_mib(),
+        "warmup": spec["warmup"],
+    })
+    return rec
+
+
+def _poise_cfg(spec: dict, method: str, run_dir: Path, max_steps: int):
+    from poise.config import from_dict
+
+    raw = {
+        "model": spec["model_dir"], "train_file": spec["train_file"], "output_dir": str(run_dir),
+        "cache_dir": str(run_dir / "cache"), "method": method, "batch_size": spec["batch"],
+        "micro_batch_size": spec["batch"], "max_steps": max_steps, "learning_rate": spec["lr"],
+        "warmup_ratio": 0.1, "scheduler": "cosine", "save_steps": 0, "diagnostics": False,
+        "precompute_reference": True, "max_length": spec["max_length"],
+        "max_prompt_length": spec["max_prompt_length"], "logging_steps": 10**6, "seed": spec["seed"],
+        "cpu": spec["device"] == "cpu", "beta": spec["beta"],
+    }
+    if spec["device"] == "cuda":
+        raw["mixed_precision"] = "bf16"
+    return from_dict(raw)
+
+
+def run_poise(spec: dict) -> dict:
+    """poise.trainer.train(cfg) with plain DPO; step ends recorded by wrapping poise.trainer.train_step."""
+    import poise.tasks
+    import poise.trainer as trainer
+
+    device, total = spec["device"], spec["total_steps"]
+    rec = {"kind": "poise", "ends": [], "cpu_ends": [], "inner": [], "idx": []}
+    batches: list = []
+    peak = PeakMemory(device)
+    state = {"recording": False}
+    orig_step, orig_collate = trainer.train_step, poise.tasks.PreferenceTask.collate
+
+    def collate(self, idx):
+        b = orig_collate(self, idx)
+        if state["recording"]:
+            batches.append((b.input_ids, b.attention_mask))
+        return b
+
+    def train_step(s, idx):
+        if not rec["ends"]:
+            gc.collect()
+            peak.start()
+            rec["start"] = now(device)
+            rec["attn_implementation"] = s.unwrapped_model().config._attn_implementation
+            rec["optimizer"] = f"{type(s.optimizer.optimizer if hasattr(s.optimizer, 'optimizer') else s.optimizer).__name__}"
+        t0 = now(device)
+        state["recording"] = True
+        out = orig_step(s, idx)
+        state["recording"] = False
+        t1 = now(device)
+        rec["cpu_ends"].append(cpu_now())
+        rec["inner"].append(t1 - t0)
+        rec["ends"].append(t1)
+        rec["idx"].append(list(idx))
+        if len(rec["ends"]) == total:
+            raise _Done
+        return out
+
+    trainer.train_step = train_step
+    poise.tasks.PreferenceTask.collate = collate
+    t_setup = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=spec["work_dir"]) as tmp:
+        cfg = _poise_cfg(spec, "dpo", Path(tmp) / "run", total)
+        rec["options"] = {k: v for k, v in cfg.to_dict().items() if k not in ("model", "train_file", "output_dir",
+                                                                             "cache_dir")}
+        try:
+            trainer.train(cfg)
+        except _Done:
+            pass
+    rec["setup_s"] = rec["start"] - t_setup
+    return _finish(rec, batches, spec, peak)
+
+
+# ----------------------------------------------------------------------------------------------------- TRL
+
+
+def trl_options(spec: dict, out_dir: str) -> dict:
+    """DPOConfig keywords: TRL's fastest supported settings for this run (reported as they are)."""
+    cuda = spec["device"] == "cuda"
+    return {
+        "output_dir": out_dir,
+        "use_cpu": not cuda,
+        "bf16": cuda,
+        "fp16": False,
+        "per_device_train_batch_size": spec["batch"],
+        "gradient_accumulation_steps": 1,
+        "max_steps": spec["total_steps"],
+        "learning_rate": spec["lr"],
+        "lr_scheduler_type": "cosine",
+        "beta": spec["beta"],
+        "loss_type": ["sigmoid"],
+        "max_length": spec["max_length"],
+        "truncation_mode": "keep_start",
+        "pad_to_multiple_of": None,  # pad each batch to its longest row only
+        "padding_free": False,  # TRL 1.16: "temporarily unavailable", it would warn and pad anyway
+        "precompute_ref_log_probs": True,
+        "precompute_ref_batch_size": 2 * spec["batch"],  # as poise (2 x micro_batch_size); untimed either way
+        "gradient_checkpointing": False,  # DPOConfig defaults to True, which recomputes the forward
+        "disable_dropout": True,
+        "dataloader_num_workers": 0,
+        "dataloader_pin_memory": False,
+        "train_sampling_strategy": "sequential",  # the data file is already in poise's batch order
+        "logging_strategy": "no",
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "report_to": "none",
+        "disable_tqdm": True,
+        "seed": spec["seed"],
+        "max_grad_norm": 1.0,
+        "model_init_kwargs": {"dtype": "float32"},
+    }
+
+
+def run_trl(spec: dict) -> dict:
+    """TRL's DPOTrainer.train(); step boundaries from a TrainerCallback."""
+    os.environ.setdefault("HF_DATASETS_CACHE", os.path.join(spec["work_dir"], "hf-datasets"))
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    device = spec["device"]
+    rec = {"kind": "trl", "ends": [], "cpu_ends": [], "inner": []}
+    batches: list = []
+    peak = PeakMemory(device)
+
+    class Recorder(DPOTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            batches.append((inputs["input_ids"].cpu(), inputs["attention_mask"].cpu()))
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            gc.collect()
+            peak.start()
+            rec["start"] = now(device)
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = now(device)
+
+        def on_step_end(self, args, state, control, **kw):
+            t1 = now(device)
+            rec["cpu_ends"].append(cpu_now())
+            rec["inner"].append(t1 - self.t0)
+            rec["ends"].append(t1)
+
+    import json
+
+    rows = [json.loads(line) for line in open(spec["trl_file"])]
+    t_setup = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=spec["work_dir"]) as tmp:
+        opts = trl_options(spec, tmp)
+        args = DPOConfig(**opts)
+        tok = AutoTokenizer.from_pretrained(spec["model_dir"])
+        trainer = Recorder(model=spec["model_dir"], args=args, train_dataset=Dataset.from_list(rows),
+                           processing_class=tok, callbacks=[Clock()])
+        rec["options"] = {k: v for k, v in opts.items() if k != "output_dir"}
+        rec["options"]["optim"] = str(args.optim.value if hasattr(args.optim, "value") else args.optim)
+        rec["attn_implementation"] = trainer.model.config._attn_implementation
+        rec["optimizer"] = rec["options"]["optim"]
+        trainer.train()
+    rec["setup_s"] = rec["start"] - t_setup
+    return _finish(rec, batches, spec, peak)
+
+
+# ----------------------------------------------------------------------------------------------------- bare
+
+
+def bare_batches(spec: dict):
+    """(input_ids, attention_mask, completion_mask) per step: prompt+chosen rows then prompt+rejected rows,
+    right-padded to the longest row, from the pairs in poise's batch order."""
+    import torch
+
+    pairs = read_json(spec["pairs_file"])
+    pad = spec["pad_token_id"]
+    out = []
+    b = spec["batch"]
+    for k in range(spec["total_steps"]):
+        group = pairs[k * b:(k + 1) * b]
+        rows = [(p, c) for p, c, _ in group] + [(p, r) for p, _, r in group]
+        length = max(len(p) + len(c) for p, c in rows)
+        ids = torch.full((len(rows), length), pad, dtype=torch.long)
+        am = torch.zeros((len(rows), length), dtype=torch.long)
+        cm = torch.zeros((len(rows), length), dtype=torch.bool)
+        for i, (p, c) in enumerate(rows):
+            ids[i, :len(p) + len(c)] = torch.tensor(p + c)
+            am[i, :len(p) + len(c)] = 1
+            cm[i, len(p):len(p) + len(c)] = True
+        out.append((ids, am, cm))
+    return out
+
+
+def run_bare(spec: dict) -> dict:
+    """The floor: forward, full logits -> log_softmax -> gather, DPO loss on precomputed reference sums,
+    backward, AdamW (torch.optim.AdamW with its defaults, as poise builds it). No clipping, no scheduler."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    device, beta, b = spec["device"], spec["beta"], spec["batch"]
+    rec = {"kind": "bare", "ends": [], "cpu_ends": [], "inner": []}
+    peak = PeakMemory(device)
+    t_setup = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32).to(device)
+    model.config.use_cache = False
+    batches = bare_batches(spec)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def seq_logps(ids, am, cm):
+        logits = model(input_ids=ids, attention_mask=am, use_cache=False).logits
+        logp = logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        return (logp * cm[:, 1:]).sum(-1)
+
+    model.eval()
+    refs = []
+    with torch.no_grad(), amp:
+        for ids, am, cm in batches:  # the reference = the initial policy, precomputed (untimed)
+            refs.append(seq_logps(ids.to(device), am.to(device), cm.to(device)).float())
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec["lr"])
+    rec["attn_implementation"] = model.config._attn_implementation
+    rec["optimizer"] = "torch.optim.AdamW (defaults)"
+    rec["options"] = {"logps": "full logits -> float32 log_softmax -> gather", "grad_clip": None,
+                      "scheduler": None, "optimizer": "torch.optim.AdamW defaults", "autocast": device == "cuda"}
+    gc.collect()
+    peak.start()
+    rec["start"] = now(device)
+    for (ids, am, cm), ref in zip(batches, refs):
+        t0 = now(device)
+        ids, am, cm = ids.to(device), am.to(device), cm.to(device)
+        with amp:
+            s = seq_logps(ids, am, cm)
+        margin = (s[:b] - ref[:b]) - (s[b:] - ref[b:])
+        loss = -F.logsigmoid(beta * margin).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        t1 = now(device)
+        rec["cpu_ends"].append(cpu_now())
+        rec["inner"].append(t1 - t0)
+        rec["ends"].append(t1)
+    rec["setup_s"] = rec["start"] - t_setup
+    return _finish(rec, [(ids, am) for ids, am, _ in batches], spec, peak)
+
+
+# ----------------------------------------------------------------------------------------------- balancers
+
+BALANCER_METHODS = ("dpo", "adadpo", "gate-dpo", "balanced-dpo")
+
+
+def run_balancers(spec: dict) -> dict:
+    """poise's train_step for plain DPO and each balanced preset, on the same batches, interleaved step by
+    step (the order rotates every step); each batch is stepped ``balancer_reps`` times by every method
+    (timings of repeated steps on one batch are comparable; the weights move a little); gate-dpo's threshold
+    is calibrated before (untimed)."""
+    import torch
+
+    import poise.trainer as trainer
+    from poise.schedule import Schedule
+    from poise.setup import build_setup
+
+    device, total, reps = spec["device"], spec["balancer_steps"], spec.get("balancer_reps", 1)
+    setups, scheds = {}, {}
+    with tempfile.TemporaryDirectory(dir=spec["work_dir"]) as tmp:
+        for m in BALANCER_METHODS:
+            cfg = _poise_cfg(spec, m, Path(tmp) / m, total * reps)
+            s = build_setup(cfg)
+            sched = Schedule(s.task.lengths, cfg.batch_size, cfg.seed, cfg.epochs, cfg.max_steps)
+            trainer._calibrate(s, sched)
+            setups[m], scheds[m] = s, sched
+        times = {m: [[] for _ in range(total)] for m in BALANCER_METHODS}
+        cpu = {m: [[] for _ in range(total)] for m in BALANCER_METHODS}
+        tokens = []
+        methods = list(BALANCER_METHODS)
+        turn = 0
+        for k in range(total):
+            batch = scheds["dpo"].batch(k)
+            tokens.append(setups["dpo"].task.real_tokens(batch))
+            for _ in range(reps):
+                order = methods[turn % len(methods):] + methods[:turn % len(methods)]
+                turn += 1
+                for m in order:
+                    assert scheds[m].batch(k) == batch
+                    t0, c0 = now(device), cpu_now()
+                    out = trainer.train_step(setups[m], batch)
+                    times[m][k].append(now(device) - t0)
+                    cpu[m][k].append(cpu_now() - c0)
+                    if out.get("nonfinite"):
+                        raise RuntimeError(f"{m}: non-finite step {k}")
+        del setups
+        gc.collect()
+    return {"kind": "balancers", "times": times, "cpu_times": cpu, "tokens_per_step": tokens,
+            "warmup": spec["warmup"], "reps": reps, "threads": torch.get_num_threads()}
+
+
+# ------------------------------------------------------------------------------------------------- memscan
+
+
+def run_memscan(spec: dict) -> dict:
+    """Peak memory of one forward + backward of a Llama's per-token completion log-probs, through
+    poise.logprobs.token_logps (path 'poise') or full logits -> log_softmax -> gather (path 'full')."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from poise.logprobs import token_logps
+
+    device, vocab, length, rows = spec["device"], spec["vocab"], spec["length"], spec["rows"]
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=spec["hidden"], intermediate_size=4 * spec["hidden"],
+                         num_hidden_layers=spec["layers"], num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=max(2048, length), tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).float().to(device)
+    model.config.use_cache = False
+
+    def batch(n_rows, n):
+        ids = torch.randint(3, vocab, (n_rows, n), device=device)
+        am = torch.ones_like(ids)
+        cm = torch.zeros_like(ids, dtype=torch.bool)
+        cm[:, n - int(n * spec["completion_frac"]):] = True
+        return ids, am, cm
+
+    def fwd_bwd(ids, am, cm):
+        if spec["path"] == "poise":
+            lp = token_logps(model, ids, am, cm, chunk_size=spec["chunk_size"]).logps
+        else:
+            logits = model(input_ids=ids, attention_mask=am, use_cache=False).logits
+            lp = logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1) * cm[:, 1:]
+        lp.sum().backward()
+
+    fwd_bwd(*batch(rows, 16))  # allocates the weights' gradients, so that only activations are measured
+    model.zero_grad(set_to_none=False)
+    ids, am, cm = batch(rows, length)
+    gc.collect()
+    peak = PeakMemory(device)
+    peak.start()
+    t0 = now(device)
+    fwd_bwd(ids, am, cm)
+    dt = now(device) - t0
+    p = peak.peak_mib()
+    return {"kind": "memscan", "path": spec["path"], "vocab": vocab, "length": length, "rows": rows,
+            "peak_mib": p, "start_mib": peak.start_mib, "growth_mib": p - peak.start_mib,
+            "process_peak_mib": process_peak_mib(), "seconds": dt, "peak_method": peak.method(),
+            "full_logits_mib": rows * length * vocab * 4 / 2**20}
+
+
+RUNNERS = {"poise": run_poise, "trl": run_trl, "bare": run_bare, "balancers": run_balancers,
+           "memscan": run_memscan}
+
+
+def main() -> None:
+    kind, spec_path, out_path = sys.argv[1:4]
+    spec = read_json(spec_path)
+    _threads(spec)
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    write_json(out_path, RUNNERS[kind](spec))
+
+
+if __name__ == "__main__":
+    main()
