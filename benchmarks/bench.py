@@ -237,17 +237,25 @@ def fmt_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def report(res: dict) -> str:
-    info, s, cfg = res["info"], res["raw"]["contenders"], res["config"]
-    mem_unit = "MiB (CUDA max allocated)" if cfg["device"] == "cuda" else "MiB (RSS)"
+    info, cfg = res["info"], res["config"]
+    m = res["machine"]
     out = [f"# poise benchmark: model {info['model']} ({info['architecture']}, {info['parameters'] / 1e6:.1f}M "
            f"parameters, vocab {info['vocab_size']}, {info['layers']} layers, hidden {info['hidden_size']})",
-           f"device {cfg['device']} | {res['machine']['cpu_model']} | {res['machine']['cpu_cores']} cores, "
-           f"{res['raw']['contenders']['poise']['torch_threads']} torch thread(s) per worker | torch {res['machine']['torch']} | transformers "
-           f"{res['machine']['transformers']} | trl {res['machine']['trl']} | {res['date']}",
-           f"batch {cfg['batch']} pairs ({2 * cfg['batch']} rows), {cfg['steps']} measured steps after "
-           f"{cfg['warmup']} warm-up steps, {cfg['rounds']} rounds alternating poise, TRL, bare (fresh process each)",
+           f"device {cfg['device']} | {m['cpu_model']} | {m['cpu_cores']} cores, {res['worker_threads']} torch "
+           f"thread(s) per worker | torch {m['torch']} | transformers {m['transformers']} | trl {m['trl']} | "
+           f"{res['date']}",
            f"data: {info['pairs']} pairs; prompt tokens {info['prompt_tokens']}, completion tokens "
-           f"{info['completion_tokens']}, longest row per pair {info['longest_row_tokens']}",
+           f"{info['completion_tokens']}, longest row per pair {info['longest_row_tokens']}"]
+    if res["raw"].get("contenders"):
+        out += contenders_report(res)
+    return "\n".join(out + rest_report(res))
+
+
+def contenders_report(res: dict) -> list[str]:
+    s, cfg = res["raw"]["contenders"], res["config"]
+    mem_unit = "MiB (CUDA max allocated)" if cfg["device"] == "cuda" else "MiB (RSS)"
+    out = [f"batch {cfg['batch']} pairs ({2 * cfg['batch']} rows), {cfg['steps']} measured steps after "
+           f"{cfg['warmup']} warm-up steps, {cfg['rounds']} rounds alternating poise, TRL, bare (fresh process each)",
            "timed: training steps only (end of step k-1 to end of step k: collation, forward, backward, clip, "
            "optimizer, scheduler, per-step bookkeeping); model loading, tokenization and the reference "
            "precompute are excluded for all three",
@@ -275,6 +283,11 @@ def report(res: dict) -> str:
             f"{s['poise']['median_cpu_step_s'] / s['trl']['median_cpu_step_s']:.3f}",
             f"poise/TRL peak memory   {r['peak_mem_ratio_vs_trl']:.3f}             (peak during training; < 1: "
             "poise uses less)", ""]
+    return out
+
+
+def rest_report(res: dict) -> list[str]:
+    r, out = res, [""]
     b = r["raw"].get("balancers")
     if b:
         bc = r["raw"].get("balancers_cpu") or {}
@@ -308,9 +321,10 @@ def report(res: dict) -> str:
     out.append("targets (verdict on wall time as specified; the CPU-time verdict, less sensitive to other "
                "processes on a shared CPU, in brackets):")
     out += [f"  {t['verdict']:4}  {t['name']}: {t['detail']}" for t in r["targets"]]
-    out.append("")
-    out.append("TRL options (DPOConfig): " + json.dumps(s["trl"].get("options", {}), sort_keys=True))
-    return "\n".join(out)
+    contenders = r["raw"].get("contenders")
+    if contenders:
+        out += ["", "TRL options (DPOConfig): " + json.dumps(contenders["trl"].get("options", {}), sort_keys=True)]
+    return out
 
 
 def targets(res: dict, model: str) -> list[dict]:
@@ -331,12 +345,13 @@ def targets(res: dict, model: str) -> list[dict]:
         entry["detail"] = detail + ("" if applies else " (the target is for smollm2)")
         t.append(entry)
 
-    add("tokens/s >= 1.5 x TRL", res["tokens_per_s_ratio_vs_trl"], TARGETS["tokens_per_s_vs_trl"], ">=",
-        cpu_value=cpu.get("tokens_per_s_ratio_vs_trl"))
-    add("peak memory <= 0.8 x TRL on smollm2", res["peak_mem_ratio_vs_trl"], TARGETS["peak_mem_vs_trl_smollm2"],
-        "<=", applies=model == "smollm2")
-    add("step time <= 1.15 x bare (reference precomputed)", res["step_ratio_vs_bare"], TARGETS["step_vs_bare"], "<=",
-        cpu_value=cpu.get("step_ratio_vs_bare"))
+    if "tokens_per_s_ratio_vs_trl" in res:
+        add("tokens/s >= 1.5 x TRL", res["tokens_per_s_ratio_vs_trl"], TARGETS["tokens_per_s_vs_trl"], ">=",
+            cpu_value=cpu.get("tokens_per_s_ratio_vs_trl"))
+        add("peak memory <= 0.8 x TRL on smollm2", res["peak_mem_ratio_vs_trl"],
+            TARGETS["peak_mem_vs_trl_smollm2"], "<=", applies=model == "smollm2")
+        add("step time <= 1.15 x bare (reference precomputed)", res["step_ratio_vs_bare"], TARGETS["step_vs_bare"],
+            "<=", cpu_value=cpu.get("step_ratio_vs_bare"))
     for m, v in res["balancer_overhead"].items():
         add(f"{m} within 3% of plain DPO's step time", v, TARGETS["balancer_overhead"], "<=",
             cpu_value=(cpu.get("balancer_overhead") or {}).get(m))
@@ -387,6 +402,8 @@ def parse_args(argv=None):
     ap.add_argument("--quick", action="store_true", help="tiny model, 1 round, few steps: a smoke test")
     ap.add_argument("--json", help="write the figures to this JSON file")
     ap.add_argument("--md", help="write the printed report to this Markdown file")
+    ap.add_argument("--skip-contenders", action="store_true",
+                    help="only the balancer section and/or the memory scan (no TRL needed)")
     ap.add_argument("--skip-balancers", action="store_true")
     ap.add_argument("--skip-memscan", action="store_true")
     ap.add_argument("--memscan-max-gib", type=float, default=1.0,
@@ -417,8 +434,29 @@ def contender_results(args, spec: dict, work: Path) -> dict[str, list[dict]]:
     return results
 
 
-def assemble(args, built: dict, results: dict[str, list[dict]]) -> dict:
+def base_result(args, built: dict) -> dict:
     spec = built["spec"]
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(args.device),
+        "worker_threads": args.threads or "default",
+        "config": {"model": args.model, "quick": args.quick, "device": args.device, "batch": args.batch,
+                   "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "seed": args.seed,
+                   "balancer_steps": args.balancer_steps, "balancer_reps": args.balancer_reps,
+                   "threads": args.threads, "max_length": spec["max_length"],
+                   "max_prompt_length": spec["max_prompt_length"], "lr": spec["lr"], "beta": spec["beta"],
+                   "sections": [x for x, skip in (("contenders", args.skip_contenders),
+                                                  ("balancers", args.skip_balancers),
+                                                  ("memscan", args.skip_memscan)) if not skip]},
+        "info": built["info"],
+        "balancer_overhead": {},
+        "cpu_time": {} if args.device != "cpu" else {
+            "note": "the same figures from each worker's CPU time (time.process_time) instead of wall time"},
+        "raw": {},
+    }
+
+
+def assemble(args, built: dict, results: dict[str, list[dict]]) -> dict:
     summary = summarize(results)
     tokens = verify_tokens(results)
     tokens["verdict"] = (
@@ -430,28 +468,21 @@ def assemble(args, built: dict, results: dict[str, list[dict]]) -> dict:
         first = results[k][0]
         summary[k].update({x: first.get(x) for x in ("options", "attn_implementation", "optimizer", "peak_method")})
         summary[k]["torch_threads"] = sorted({r["torch_threads"] for r in results[k]})
-    return {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(args.device),
-        "config": {"model": args.model, "quick": args.quick, "device": args.device, "batch": args.batch,
-                   "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "seed": args.seed,
-                   "balancer_steps": args.balancer_steps, "balancer_reps": args.balancer_reps,
-                   "threads": args.threads,
-                   "max_length": spec["max_length"], "max_prompt_length": spec["max_prompt_length"],
-                   "lr": spec["lr"], "beta": spec["beta"]},
-        "info": built["info"],
+    res = base_result(args, built)
+    res.update({
         "tokens": tokens,
         "tokens_per_s_ratio_vs_trl": summary["poise"]["tokens_per_s"] / summary["trl"]["tokens_per_s"],
         "peak_mem_ratio_vs_trl": summary["poise"]["peak_train_mib"] / summary["trl"]["peak_train_mib"],
         "step_ratio_vs_bare": summary["poise"]["median_step_s"] / summary["bare"]["median_step_s"],
-        "balancer_overhead": {},
-        "cpu_time": {} if args.device != "cpu" else {
+    })
+    res["worker_threads"] = summary["poise"]["torch_threads"]
+    if args.device == "cpu":
+        res["cpu_time"].update({
             "tokens_per_s_ratio_vs_trl": summary["poise"]["tokens_per_cpu_s"] / summary["trl"]["tokens_per_cpu_s"],
-            "step_ratio_vs_bare": summary["poise"]["median_cpu_step_s"] / summary["bare"]["median_cpu_step_s"],
-            "note": "the same figures from each worker's CPU time (time.process_time) instead of wall time"},
-        "raw": {"contenders": summary,
-                "runs": {k: [{x: r[x] for x in r if x not in ("idx",)} for r in v] for k, v in results.items()}},
-    }
+            "step_ratio_vs_bare": summary["poise"]["median_cpu_step_s"] / summary["bare"]["median_cpu_step_s"]})
+    res["raw"] = {"contenders": summary,
+                  "runs": {k: [{x: r[x] for x in r if x not in ("idx",)} for r in v] for k, v in results.items()}}
+    return res
 
 
 def add_balancers(args, res: dict, spec: dict, work: Path) -> None:
@@ -480,7 +511,10 @@ def main(argv=None) -> dict:
     t_start = time.perf_counter()
     log(f"building the model and data in {work}")
     built = build_assets(args, work)
-    res = assemble(args, built, contender_results(args, built["spec"], work))
+    if args.skip_contenders:
+        res = base_result(args, built)
+    else:
+        res = assemble(args, built, contender_results(args, built["spec"], work))
     if not args.skip_balancers:
         add_balancers(args, res, built["spec"], work)
     if not args.skip_memscan:

@@ -194,11 +194,49 @@ def token_shares(groups):
             "head_positions_bare": head_positions_trl}
 
 
+def balancer_costs(model, batch, repeats):
+    """CPU seconds (median) of the engine forward (with the statistics the method needs) + objective + backward
+    for each method on one batch and one model, interleaved, and of the objective alone (forward + backward
+    on detached per-token log-probs)."""
+    import poise
+    from poise.logprobs import pair_logps, token_logps
+
+    ids, am, cm = batch
+    b = ids.shape[0] // 2
+    with torch.no_grad():
+        ref = token_logps(model, ids, am, cm).logps.sum(-1)
+    ref_sums = (ref[:b] - 0.1, ref[b:] + 0.1)
+    objs = {m: poise.objective(m) for m in ("dpo", "adadpo", "gate-dpo", "balanced-dpo")}
+    objs["gate-dpo"] = poise.objective("gate-dpo", gate_tau=0.5)  # a fixed threshold: no calibration needed
+    step, alone = defaultdict(list), defaultdict(list)
+    for r in range(repeats + 1):
+        for m, obj in objs.items():
+            model.zero_grad(set_to_none=True)
+            t0 = cpu()
+            out = token_logps(model, ids, am, cm, stats=sorted(obj.needs_stats))
+            loss = obj(pair_logps(out, ref_sums=ref_sums)).loss
+            loss.backward()
+            dt = cpu() - t0
+            lp = out.logps.detach().requires_grad_(True)
+            det = type(out)(lp, out.mask, {k: v.detach() for k, v in out.stats.items()})
+            t0 = cpu()
+            obj(pair_logps(det, ref_sums=ref_sums)).loss.backward()
+            if r:
+                step[m].append(dt)
+                alone[m].append(cpu() - t0)
+    base = statistics.median(step["dpo"])
+    return {m: {"engine_objective_backward_s": statistics.median(step[m]),
+                "ratio_to_dpo": statistics.median(step[m]) / base,
+                "objective_alone_s": statistics.median(alone[m])} for m in objs}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("work_dir")
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--balancers-only", action="store_true",
+                    help="only the per-method cost of engine + objective + backward on one model")
     a = ap.parse_args()
     torch.set_num_threads(1)
     import logging
@@ -215,6 +253,15 @@ def main():
     b = spec["batch"]
     first = spec["warmup"]
     groups = [pairs[k * b:(k + 1) * b] for k in range(first, min(first + a.batches, len(pairs) // b))]
+    if a.balancers_only:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32)
+        model.config.use_cache = False
+        per = [balancer_costs(model, batch, a.repeats) for batch in bare_batches(spec)[first:first + a.batches]]
+        out = {m: {k: statistics.median(p[m][k] for p in per) for k in per[0][m]} for m in per[0]}
+        print(json.dumps({"balancer_costs": out, "batches": len(per), "repeats": a.repeats}, indent=1))
+        return
     s, phases = poise_phases(spec, _poise_batches(spec, first, a.batches), a.repeats)
     model = s.unwrapped_model()
     bb = bare_batches(spec)[first:first + a.batches]
