@@ -108,6 +108,11 @@ class TrainConfig:
     seed: int = F(0, "Seed of the data order, initialisation of adapters and dropout.", "training")
     chunk_size: int = F(1024, "Completion tokens per chunk of the output head (memory vs speed).",
                         "training")
+    pair_layout: Literal["auto", "shared", "separate"] = F(
+        "auto", "shared: one row per pair, prompt + chosen + rejected, with a 4D attention mask, so the "
+        "prompt runs once (same log-probs, less time and memory); separate: two rows per pair, as in TRL; "
+        "auto: shared when the model qualifies (Llama, Mistral, Qwen2/3, OLMo2, Phi-3, Granite with sdpa or "
+        "eager attention, no sliding window) and both layouts agree on the first pairs.", "training")
     # -- diagnostics ---------------------------------------------------------------------------------
     diagnostics: bool = F(True, "Log the imbalance every step (logit-space gradient norms of each branch, "
                           "sigma(-u), likelihood displacement) and, every diagnostics_steps, parameter-space "

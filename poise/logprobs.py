@@ -32,7 +32,6 @@ Two paths compute the same numbers (float32, exactly 0.0 off the completion toke
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -40,6 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from poise.heads import FastPath, NoFastPath, fast_path_reason, resolve_fast_path
 from poise.types import STAT_NAMES, PairLogps
 
 __all__ = [
@@ -50,9 +50,6 @@ __all__ = [
     "token_logps",
     "verify_fast_path",
 ]
-
-#: Model types whose causal-LM head does more than ``head(hidden)`` in a way not reproduced here.
-_FALLBACK_MODEL_TYPES = frozenset({"blt", "csm", "modernbert_decoder", "modernvbert"})
 
 _PATHS = ("auto", "fast", "fallback")
 
@@ -74,115 +71,6 @@ class TokenLogps:
     mask: Tensor
     stats: dict[str, Tensor] = field(default_factory=dict)
     path: str = "fast"
-
-
-class _NoFastPath(Exception):
-    """Raised while resolving the fast path; the message says why it is not available."""
-
-
-@dataclass
-class _FastPath:
-    backbone: nn.Module
-    head: nn.Module
-    transforms: list[Callable[[Tensor], Tensor]]
-
-
-# ----------------------------------------------------------------------------- resolving the model
-
-
-def _unwrap_peft(model: nn.Module) -> nn.Module:
-    peft = sys.modules.get("peft")  # a PeftModel cannot exist unless peft was imported
-    if peft is None or not isinstance(model, peft.PeftModel):
-        return model
-    if getattr(model.active_peft_config, "is_prompt_learning", False):
-        raise _NoFastPath("a peft prompt-learning adapter injects virtual tokens in forward()")
-    return model.get_base_model()
-
-
-def _check_wrappers(model: nn.Module) -> None:
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        raise _NoFastPath("DistributedDataParallel: only its forward() synchronises gradients")
-    fsdp = torch.distributed.fsdp
-    if isinstance(model, fsdp.FullyShardedDataParallel) or isinstance(model, getattr(fsdp, "FSDPModule", ())):
-        raise _NoFastPath("FSDP: only the root forward() unshards the root parameters")
-
-
-def _config_value(model: nn.Module, name: str):
-    config = getattr(model, "config", None)
-    if config is None:
-        return None
-    configs = [config]
-    if hasattr(config, "get_text_config"):
-        configs.insert(0, config.get_text_config())
-    for cfg in configs:
-        value = getattr(cfg, name, None)
-        if value is not None:
-            return value
-    return None
-
-
-def _scale(factor) -> Callable[[Tensor], Tensor]:
-    return lambda z: z * factor
-
-
-def _logits_scaling(base: nn.Module, model_type: str) -> Callable[[Tensor], Tensor] | None:
-    scaling = _config_value(base, "logits_scaling")
-    if scaling is None:
-        return None
-    if model_type.startswith("granite"):
-        return lambda z: z / scaling
-    if model_type.startswith("hyperclovax"):
-        return _scale(scaling)
-    raise _NoFastPath(f"unknown meaning of config.logits_scaling for model type {model_type!r}")
-
-
-def _head_transforms(base: nn.Module, backbone: nn.Module) -> list[Callable[[Tensor], Tensor]]:
-    """The element-wise maps the model's own forward applies to ``lm_head(hidden)``, in order."""
-    model_type = str(_config_value(base, "model_type") or "")
-    if model_type in _FALLBACK_MODEL_TYPES or _config_value(base, "is_encoder_decoder"):
-        raise _NoFastPath(f"model type {model_type!r} has a head the fast path does not reproduce")
-    transforms = []
-    scaling = _logits_scaling(base, model_type)
-    if scaling is not None:
-        transforms.append(scaling)
-    for owner in (base, backbone):
-        for name in ("logit_scale", "lm_head_multiplier"):
-            factor = getattr(owner, name, None)
-            if factor is not None:
-                transforms.append(_scale(factor))
-    cap = _config_value(base, "final_logit_softcapping")
-    if cap is not None:
-        transforms.append(lambda z: torch.tanh(z / cap) * cap)
-    vocab = _config_value(base, "unpadded_vocab_size")
-    if vocab is not None:
-        transforms.append(lambda z: z[..., :vocab])
-    return transforms
-
-
-def _resolve_fast_path(model: nn.Module) -> _FastPath:
-    _check_wrappers(model)
-    base = _unwrap_peft(model)
-    get_decoder = getattr(base, "get_decoder", None)
-    try:
-        backbone = get_decoder() if callable(get_decoder) else None
-    except (AttributeError, NotImplementedError, ValueError) as err:
-        raise _NoFastPath(f"get_decoder() failed: {err}") from err
-    if not isinstance(backbone, nn.Module) or backbone is base:
-        raise _NoFastPath("the model has no separate decoder backbone")
-    get_head = getattr(base, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    if not isinstance(head, nn.Module):
-        raise _NoFastPath("the model has no output embeddings")
-    return _FastPath(backbone, head, _head_transforms(base, backbone))
-
-
-def fast_path_reason(model: nn.Module) -> str | None:
-    """None if ``path="auto"`` takes the fast path for ``model``, else why it falls back."""
-    try:
-        _resolve_fast_path(model)
-    except _NoFastPath as err:
-        return str(err)
-    return None
 
 
 # ----------------------------------------------------------------------------- per-chunk maths
@@ -214,12 +102,19 @@ def _chunk_logps(z: Tensor, targets: Tensor, names: Sequence[str]) -> tuple[Tens
 
 
 def _run_chunked(fn: Callable, n_rows: int, chunk_size: int, *args: Tensor):
-    """Apply ``fn(start, stop, *args)`` on row ranges of at most chunk_size; cat the results."""
+    """Apply ``fn(start, stop, *args)`` on row ranges of at most chunk_size; cat the results.
+
+    With grad enabled every chunk but the last is checkpointed: its logits are freed after the
+    forward and recomputed in the backward. The last chunk's logits are kept, because the backward
+    starts with it: recomputing them would allocate the same memory at once and cost a second
+    head matmul (and the stats) for nothing.
+    """
     logps, stats = [], []
     use_ckpt = torch.is_grad_enabled()
-    for start in range(0, max(n_rows, 1), chunk_size):  # K = 0 still runs one empty chunk
+    starts = range(0, max(n_rows, 1), chunk_size)  # K = 0 still runs one empty chunk
+    for start in starts:
         stop = min(start + chunk_size, n_rows)
-        if use_ckpt:
+        if use_ckpt and start != starts[-1]:
             lp, st = checkpoint(fn, start, stop, *args, use_reentrant=False)
         else:
             lp, st = fn(start, stop, *args)
@@ -231,11 +126,8 @@ def _run_chunked(fn: Callable, n_rows: int, chunk_size: int, *args: Tensor):
 # ----------------------------------------------------------------------------- the two paths
 
 
-def _fast_values(fast: _FastPath, input_ids, attention_mask, sel, chunk_size, names):
-    out = fast.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    rows = hidden[:, :-1][sel]  # (K, H): the state that predicts each completion token
-    targets = input_ids[:, 1:][sel]
+def head_values(fast: FastPath, rows: Tensor, targets: Tensor, chunk_size: int, names: Sequence[str]):
+    """Log-probs (K,) of ``targets`` under the head applied to hidden ``rows`` (K, H), chunk by chunk."""
     weight = getattr(fast.head, "weight", None)
     if isinstance(weight, Tensor) and weight.is_floating_point() and weight.dtype != rows.dtype:
         rows = rows.to(weight.dtype)
@@ -249,18 +141,53 @@ def _fast_values(fast: _FastPath, input_ids, attention_mask, sel, chunk_size, na
     return _run_chunked(fn, rows.shape[0], chunk_size, rows, targets)
 
 
-def _fallback_values(model, input_ids, attention_mask, sel, chunk_size, names):
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+def logits_values(logits: Tensor, index: Tensor, targets: Tensor, chunk_size: int, names: Sequence[str]):
+    """Log-probs (K,) of ``targets`` from the model's own logits (N, L, V) at flat positions ``index``."""
     n, length, vocab = logits.shape
     flat = logits.reshape(n * length, vocab)
-    index = (sel.nonzero() * torch.tensor([length, 1], device=sel.device)).sum(-1)  # row i, col t-1
-    targets = input_ids[:, 1:][sel]
 
     def fn(start: int, stop: int, flat: Tensor, index: Tensor, targets: Tensor):
         z = flat.index_select(0, index[start:stop]).float()
         return _chunk_logps(z, targets[start:stop], names)
 
     return _run_chunked(fn, index.shape[0], chunk_size, flat, index, targets)
+
+
+def last_hidden(out) -> Tensor:
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def _fast_values(fast, input_ids, attention_mask, sel, chunk_size, names):
+    hidden = last_hidden(fast.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False))
+    rows = hidden[:, :-1][sel]  # (K, H): the state that predicts each completion token
+    return head_values(fast, rows, input_ids[:, 1:][sel], chunk_size, names)
+
+
+def _fallback_values(model, input_ids, attention_mask, sel, chunk_size, names):
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    index = (sel.nonzero() * torch.tensor([logits.shape[1], 1], device=sel.device)).sum(-1)  # row i, col t-1
+    return logits_values(logits, index, input_ids[:, 1:][sel], chunk_size, names)
+
+
+def resolve_path(model: nn.Module, path: str) -> FastPath | None:
+    """The fast path's parts, or None for the fallback (``path="fast"`` raises if unsupported)."""
+    if path == "fallback":
+        return None
+    try:
+        return resolve_fast_path(model)
+    except NoFastPath as err:
+        if path == "fast":
+            raise ValueError(f"the fast log-prob path is not supported: {err}") from err
+    return None
+
+
+def scatter_values(mask: Tensor, values: Tensor, stat_values: Tensor | None, names: Sequence[str],
+                   fast: bool) -> TokenLogps:
+    """Place the K scored values on the True entries of ``mask`` (row-major order), 0.0 elsewhere."""
+    zeros = torch.zeros(mask.shape, dtype=torch.float32, device=values.device)
+    logps = zeros.masked_scatter(mask, values)
+    stat_maps = {name: zeros.masked_scatter(mask, stat_values[:, j].detach()) for j, name in enumerate(names)}
+    return TokenLogps(logps, mask, stat_maps, "fast" if fast else "fallback")
 
 
 def _check_inputs(input_ids, attention_mask, completion_mask, stats, chunk_size, path) -> Tensor:
@@ -311,21 +238,12 @@ def token_logps(
     mask = _check_inputs(input_ids, attention_mask, completion_mask, stats, chunk_size, path)
     names = tuple(dict.fromkeys(stats))
     sel = mask[:, 1:]
-    fast = None
-    if path != "fallback":
-        try:
-            fast = _resolve_fast_path(model)
-        except _NoFastPath as err:
-            if path == "fast":
-                raise ValueError(f"the fast log-prob path is not supported: {err}") from err
+    fast = resolve_path(model, path)
     if fast is not None:
         values, stat_values = _fast_values(fast, input_ids, attention_mask, sel, chunk_size, names)
     else:
         values, stat_values = _fallback_values(model, input_ids, attention_mask, sel, chunk_size, names)
-    zeros = torch.zeros(mask.shape, dtype=torch.float32, device=values.device)
-    logps = zeros.masked_scatter(mask, values)
-    stat_maps = {name: zeros.masked_scatter(mask, stat_values[:, j].detach()) for j, name in enumerate(names)}
-    return TokenLogps(logps, mask, stat_maps, "fast" if fast is not None else "fallback")
+    return scatter_values(mask, values, stat_values, names, fast is not None)
 
 
 def sequence_logps(

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .data import TokenizedPair, collate_pairs
-from .logprobs import sequence_logps
+from .data import TokenizedPair
+from .shared_prefix import batch_logps, collate_layout
 
 log = logging.getLogger("poise")
 
@@ -56,16 +56,20 @@ def adapters_disabled(model) -> Iterator[None]:
 @torch.no_grad()
 def compute_reference_sums(model, pairs: Sequence[TokenizedPair], *, pad_token_id: int,
                            batch_size: int, chunk_size: int, device: torch.device,
-                           disable_adapters: bool = False) -> torch.Tensor:
-    """(N, 2) float32 sums of the reference's log-probs over each pair's chosen and rejected tokens."""
+                           disable_adapters: bool = False, layout: str = "separate") -> torch.Tensor:
+    """(N, 2) float32 sums of the reference's log-probs over each pair's chosen and rejected tokens.
+
+    ``layout`` is the batch layout (see :func:`poise.shared_prefix.collate_layout`); use the training
+    run's, so that at step 0 the policy's sums equal these to the last bit where the maths allows.
+    """
     out = []
     was_training = model.training
     model.eval()
     ctx = adapters_disabled(model) if disable_adapters else contextlib.nullcontext()
     with ctx:
         for i in range(0, len(pairs), batch_size):
-            b = collate_pairs(pairs[i:i + batch_size], pad_token_id).to(device)
-            s = sequence_logps(model, b.input_ids, b.attention_mask, b.completion_mask, chunk_size=chunk_size)
+            b = collate_layout(pairs[i:i + batch_size], pad_token_id, layout).to(device)
+            s = batch_logps(model, b, chunk_size=chunk_size).logps.sum(-1)
             n = b.num_pairs
             out.append(torch.stack([s[:n], s[n:]], -1).float().cpu())
     model.train(was_training)
@@ -74,11 +78,12 @@ def compute_reference_sums(model, pairs: Sequence[TokenizedPair], *, pad_token_i
 
 def cached_reference_sums(model, pairs: Sequence[TokenizedPair], *, cache_dir: str, pad_token_id: int,
                           batch_size: int, chunk_size: int, device: torch.device,
-                          disable_adapters: bool = False, write: bool = True) -> tuple[torch.Tensor, Path, bool]:
+                          disable_adapters: bool = False, write: bool = True,
+                          layout: str = "separate") -> tuple[torch.Tensor, Path, bool]:
     """(sums (N, 2), cache file, whether it was a cache hit)."""
     with adapters_disabled(model) if disable_adapters else contextlib.nullcontext():
         fp = weights_fingerprint(model)
-    key = cache_key(fp, pairs, extra=f"logps-v1|{model.config.model_type}")
+    key = cache_key(fp, pairs, extra=f"logps-v1|{model.config.model_type}|{layout}")
     path = Path(os.path.expanduser(cache_dir)) / "reference" / f"{key}.safetensors"
     if path.is_file():
         try:
@@ -88,7 +93,8 @@ def cached_reference_sums(model, pairs: Sequence[TokenizedPair], *, cache_dir: s
         except Exception as e:  # a damaged cache file is recomputed, never trusted
             log.warning("reference cache %s unreadable (%s); recomputing", path, e)
     sums = compute_reference_sums(model, pairs, pad_token_id=pad_token_id, batch_size=batch_size,
-                                  chunk_size=chunk_size, device=device, disable_adapters=disable_adapters)
+                                  chunk_size=chunk_size, device=device, disable_adapters=disable_adapters,
+                                  layout=layout)
     if write:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")

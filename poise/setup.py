@@ -22,6 +22,7 @@ from .models import add_lora, check_chat_template, check_tokenizer, load_model, 
 from .reference import cached_reference_sums
 from .runlog import MetricAccumulator
 from .schedule import Schedule, lr_lambda
+from .shared_prefix import choose_layout
 from .tasks import PolicyLogps, PreferenceTask, SFTTask
 
 log = logging.getLogger("poise")
@@ -191,7 +192,17 @@ def _model(cfg: TrainConfig, tokenizer, texts, device):
     return model.to(device)
 
 
-def _reference(cfg: TrainConfig, model, pairs, tokenizer, device) -> dict[str, Any]:
+def _layout(cfg: TrainConfig, model, pairs, tokenizer) -> str:
+    """The pair layout (shared prompt prefix or separate rows) that cfg.pair_layout resolves to."""
+    models = [model]
+    if cfg.reference_model is not None and cfg.pair_layout != "separate":
+        # a separate reference must qualify too; its check loads it once more (small next to training)
+        models.append(load_model(cfg.reference_model, dtype=cfg.dtype, device=model.device,
+                                 trust_remote_code=cfg.trust_remote_code))
+    return choose_layout(cfg.pair_layout, models, pairs, tokenizer.pad_token_id, chunk_size=cfg.chunk_size)
+
+
+def _reference(cfg: TrainConfig, model, pairs, tokenizer, device, layout: str) -> dict[str, Any]:
     """Keyword arguments of PreferenceTask for the reference, precomputed or live."""
     separate = cfg.reference_model is not None
     disable = not separate and cfg.lora_r > 0
@@ -201,7 +212,7 @@ def _reference(cfg: TrainConfig, model, pairs, tokenizer, device) -> dict[str, A
     else:
         ref = model
     ref_kw = dict(pad_token_id=tokenizer.pad_token_id, batch_size=cfg.micro_batch_size * 2,
-                  chunk_size=cfg.chunk_size, device=device, disable_adapters=disable)
+                  chunk_size=cfg.chunk_size, device=device, disable_adapters=disable, layout=layout)
     if cfg.precompute_reference:
         sums, path, hit = cached_reference_sums(ref, pairs, cache_dir=cfg.cache_dir, **ref_kw)
         log.info("reference log-probs %s %s", "reused from" if hit else "computed and cached in", path)
@@ -212,15 +223,19 @@ def _reference(cfg: TrainConfig, model, pairs, tokenizer, device) -> dict[str, A
     return {"ref_model": ref, "ref_disable_adapters": disable}
 
 
-def _eval_task(cfg: TrainConfig, tokenizer, objective, ref_info) -> PreferenceTask | None:
+def _eval_task(cfg: TrainConfig, tokenizer, objective, ref_info, layout: str) -> PreferenceTask | None:
     if not cfg.eval_file or objective is None:
         return None
     data, _ = _data(cfg, tokenizer, cfg.eval_file)
+    if any(not p.prompt_ids for p in data.pairs):
+        layout = "separate"  # the shared layout needs a prompt token to predict the first response token
     kw = {k: v for k, v in ref_info.items() if k in ("ref_model", "ref_disable_adapters")}
     if objective.needs_reference and "ref_cache" in ref_info:
         ref, ref_kw = ref_info["ref_cache"]
-        kw["ref_sums"] = cached_reference_sums(ref, data.pairs, cache_dir=cfg.cache_dir, **ref_kw)[0]
-    return PreferenceTask(data.pairs, objective, tokenizer.pad_token_id, chunk_size=cfg.chunk_size, **kw)
+        kw["ref_sums"] = cached_reference_sums(ref, data.pairs, cache_dir=cfg.cache_dir,
+                                               **{**ref_kw, "layout": layout})[0]
+    return PreferenceTask(data.pairs, objective, tokenizer.pad_token_id, chunk_size=cfg.chunk_size,
+                          layout=layout, **kw)
 
 
 def _probe(cfg: TrainConfig, tokenizer, task, eval_task, device) -> tuple[Probe | None, Any]:
@@ -241,6 +256,13 @@ def _probe(cfg: TrainConfig, tokenizer, task, eval_task, device) -> tuple[Probe 
     return probe, source.ref_sums_for(idx, device)
 
 
+def make_optimizer(cfg: TrainConfig, params: list) -> torch.optim.AdamW:
+    """AdamW, fused (one kernel over all tensors: 4x faster on SmolLM2 on a CPU) where torch has it."""
+    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas),
+                             weight_decay=cfg.weight_decay, fused=fused or None)
+
+
 def build_setup(cfg: TrainConfig) -> Setup:
     acc = make_accelerator(cfg)
     torch.manual_seed(cfg.seed)
@@ -251,18 +273,19 @@ def build_setup(cfg: TrainConfig) -> Setup:
     run_dir = _prepare_run_dir(cfg)  # after the inputs are known good: a bad row leaves no run folder
     objective = cfg.build_objective()
     ref_info: dict[str, Any] = {}
+    layout = "separate"
     if objective is None:
         task = SFTTask(sft_sequences(data, cfg.extended_sft), tokenizer.pad_token_id)
     else:
+        layout = _layout(cfg, model, data.pairs, tokenizer)
         if objective.needs_reference:
-            ref_info = _reference(cfg, model, data.pairs, tokenizer, acc.device)
+            ref_info = _reference(cfg, model, data.pairs, tokenizer, acc.device, layout)
         task = PreferenceTask(data.pairs, objective, tokenizer.pad_token_id, chunk_size=cfg.chunk_size,
-                              diagnostics=cfg.diagnostics,
+                              diagnostics=cfg.diagnostics, layout=layout,
                               **{k: v for k, v in ref_info.items() if k != "ref_cache"})
-    eval_task = _eval_task(cfg, tokenizer, objective, ref_info)
+    eval_task = _eval_task(cfg, tokenizer, objective, ref_info, layout)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas),
-                                  weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(cfg, trainable)
     probe, probe_ref = _probe(cfg, tokenizer, task, eval_task, acc.device)
     stats = set(objective.needs_stats) | ({"sum_p2"} if cfg.diagnostics else set()) if objective else set()
     module = PolicyLogps(model, stats=sorted(stats), chunk_size=cfg.chunk_size)

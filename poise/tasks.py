@@ -9,16 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 from torch import nn
 
-from .data import TokenizedPair, collate_pairs, collate_sequences
+from .data import SequenceBatch, SharedPairBatch, TokenizedPair, collate_sequences
 from .diagnostics import step_metrics
-from .logprobs import TokenLogps, pair_logps, token_logps
+from .logprobs import TokenLogps, pair_logps
 from .reference import adapters_disabled
+from .shared_prefix import batch_logps, collate_layout
 
 
 class PolicyLogps(nn.Module):
@@ -35,20 +36,31 @@ class PolicyLogps(nn.Module):
         self.stats = tuple(stats)
         self.chunk_size = chunk_size
 
-    def forward(self, input_ids, attention_mask, completion_mask):
-        out = token_logps(self.model, input_ids, attention_mask, completion_mask, stats=self.stats,
-                          chunk_size=self.chunk_size)
-        return out.logps, out.mask, out.stats  # tensors, so DDP can find them
+    def forward(self, input_ids, attention_mask, completion_mask, position_ids=None, segments=None,
+                pred_index=None, targets=None):
+        # the batch travels as tensors (keyword arguments), so DDP can find and move them
+        if segments is not None:
+            batch = SharedPairBatch(input_ids, attention_mask, completion_mask, position_ids, segments,
+                                    pred_index, targets)
+        else:
+            batch = SequenceBatch(input_ids, attention_mask, completion_mask)
+        out = batch_logps(self.model, batch, stats=self.stats, chunk_size=self.chunk_size)
+        return out.logps, out.mask, out.stats
 
 
 def run_policy(module, batch) -> TokenLogps:
-    logps, mask, stats = module(batch.input_ids, batch.attention_mask, batch.completion_mask)
+    logps, mask, stats = module(**{f.name: getattr(batch, f.name) for f in fields(batch)})
     return TokenLogps(logps, mask, stats)
 
 
 @dataclass
 class PreferenceTask:
-    """Pairs and an objective; the reference is precomputed sums (N, 2) or a live model."""
+    """Pairs and an objective; the reference is precomputed sums (N, 2) or a live model.
+
+    ``layout`` is ``"shared"`` (one row per pair, the prompt once: :mod:`poise.data.shared`) or
+    ``"separate"`` (prompt + chosen and prompt + rejected rows); :func:`poise.shared_prefix.choose_layout`
+    picks it.
+    """
 
     pairs: list[TokenizedPair]
     objective: Any
@@ -58,6 +70,7 @@ class PreferenceTask:
     ref_disable_adapters: bool = False
     chunk_size: int = 1024
     diagnostics: bool = False
+    layout: str = "separate"
     lengths: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -75,7 +88,7 @@ class PreferenceTask:
                    for p in (self.pairs[i] for i in idx))
 
     def collate(self, idx: Sequence[int]):
-        return collate_pairs([self.pairs[i] for i in idx], self.pad_token_id)
+        return collate_layout([self.pairs[i] for i in idx], self.pad_token_id, self.layout)
 
     def reference(self, idx: Sequence[int], batch, device):
         """(per-token reference TokenLogps or None, per-sequence sums or None)."""
@@ -86,8 +99,7 @@ class PreferenceTask:
             return None, (s[:, 0], s[:, 1])
         model = self.ref_model
         with torch.no_grad(), adapters_disabled(model) if self.ref_disable_adapters else nullcontext():
-            out = token_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask,
-                              chunk_size=self.chunk_size)
+            out = batch_logps(model, batch, chunk_size=self.chunk_size)
         return out, None
 
     def loss(self, module, idx: Sequence[int], device, *, num_items: int, num_tokens: int):

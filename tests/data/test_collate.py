@@ -145,3 +145,44 @@ def test_shuffled_batches():
     assert shuffled_batches(9, 3, seed=1, drop_last=True) == shuffled_batches(9, 3, seed=1)
     with pytest.raises(ConfigError):
         shuffled_batches(10, 0, seed=1)
+
+
+def test_collate_shared_exact_layout():
+    """One row per pair, prompt | chosen | rejected; rejected positions restart after the prompt; the
+    first chosen and the first rejected token are both predicted by the last prompt position."""
+    from poise.data import SharedPairBatch, collate_shared
+
+    batch = collate_shared(PAIRS, PAD)
+    assert isinstance(batch, SharedPairBatch) and batch.num_pairs == 2 and batch.num_rows == 4
+    assert batch.input_ids.tolist() == [
+        [1, 10, 11, 20, 21, 2, 30, 2, 0],
+        [1, 12, 22, 2, 31, 32, 33, 34, 2],
+    ]
+    assert batch.segments.tolist() == [[0, 0, 0, 1, 1, 1, 2, 2, -1], [0, 0, 1, 1, 2, 2, 2, 2, 2]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 5, 3, 4, 0], [0, 1, 2, 3, 2, 3, 4, 5, 6]]
+    assert batch.attention_mask.tolist() == [[1] * 8 + [0], [1] * 9]
+    # output layout: chosen rows then rejected rows, left-aligned
+    assert batch.completion_mask.tolist() == [
+        [True, True, True, False, False],
+        [True, True, False, False, False],
+        [True, True, False, False, False],
+        [True, True, True, True, True],
+    ]
+    w = 9  # flat index = row * 9 + position
+    assert batch.pred_index.tolist() == [
+        2, 3, 4,  # pair 1 chosen: predicted by positions 2 (last prompt), 3, 4
+        w + 1, w + 2,  # pair 2 chosen
+        2, 6,  # pair 1 rejected: the last prompt position, then its own first token
+        w + 1, w + 4, w + 5, w + 6, w + 7,  # pair 2 rejected
+    ]
+    assert batch.targets.tolist() == [20, 21, 2, 22, 2, 30, 2, 31, 32, 33, 34, 2]
+    # the predicting positions hold the tokens just before each chosen target
+    flat = batch.input_ids.reshape(-1)
+    assert flat[batch.pred_index].tolist()[:3] == [11, 20, 21]
+
+
+def test_collate_shared_needs_a_prompt():
+    from poise.data import collate_shared
+
+    with pytest.raises(ValueError, match="non-empty prompt"):
+        collate_shared([TokenizedPair((), (5, 2), (6, 2), "f", 1)], PAD)
