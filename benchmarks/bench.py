@@ -259,7 +259,9 @@ def contenders_report(res: dict) -> list[str]:
            "timed: training steps only (end of step k-1 to end of step k: collation, forward, backward, clip, "
            "optimizer, scheduler, per-step bookkeeping); model loading, tokenization and the reference "
            "precompute are excluded for all three",
-           f"tokens: {res['tokens']['verdict']}", ""]
+           f"tokens: {res['tokens']['verdict']}",
+           "optimizers: " + ", ".join(f"{k} {s[k].get('optimizer')}" for k in ("poise", "trl", "bare"))
+           + f"; poise's pair layout: {s['poise'].get('pair_layout')} (prompt once per pair when shared)", ""]
     cpu = cfg["device"] == "cpu"
     rows = []
     for k, name in (("poise", "poise (dpo)"), ("trl", "TRL DPOTrainer"), ("bare", "bare PyTorch")):
@@ -466,7 +468,7 @@ def assemble(args, built: dict, results: dict[str, list[dict]]) -> dict:
         f"MISMATCH: the contenders did not train on the same token ids; totals {tokens['per_contender_total']}")
     for k in CONTENDERS:
         first = results[k][0]
-        summary[k].update({x: first.get(x) for x in ("options", "attn_implementation", "optimizer", "peak_method")})
+        summary[k].update({x: first.get(x) for x in ("options", "attn_implementation", "optimizer", "peak_method", "pair_layout")})
         summary[k]["torch_threads"] = sorted({r["torch_threads"] for r in results[k]})
     res = base_result(args, built)
     res.update({

@@ -78,17 +78,18 @@ class TokenLogps:
 
 def _softmax_stats(z: Tensor, lse: Tensor, names: Sequence[str]) -> Tensor:
     """(k, len(names)) statistics of softmax(z) for float32 logits z (k, V) with lse = LSE(z)."""
-    out = []
-    for name in names:
-        if name == "sum_p2":
-            out.append(torch.exp(torch.logsumexp(2.0 * z, dim=-1) - 2.0 * lse))
-        elif name == "entropy":
-            logp = z - lse[:, None]
-            p = logp.exp()
-            out.append(-torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1))
-        else:  # max_p
-            out.append(torch.exp(z.max(dim=-1).values - lse))
-    return torch.stack(out, dim=-1)
+    logp = z - lse[:, None]  # one (k, V) buffer, reused: p = exp(logp) is made in place when needed
+    p = None
+    out = {}
+    if "max_p" in names:
+        out["max_p"] = torch.exp(z.max(dim=-1).values - lse)
+    if "entropy" in names:
+        p = logp.exp()
+        out["entropy"] = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
+    if "sum_p2" in names:
+        p = logp.exp_() if p is None else p
+        out["sum_p2"] = torch.linalg.vector_norm(p, 2, dim=-1).square()  # one fused pass, no (k, V) temporary
+    return torch.stack([out[name] for name in names], dim=-1)
 
 
 def _chunk_logps(z: Tensor, targets: Tensor, names: Sequence[str]) -> tuple[Tensor, Tensor | None]:
