@@ -308,9 +308,13 @@ BALANCER_METHODS = ("dpo", "adadpo", "gate-dpo", "balanced-dpo")
 
 def run_balancers(spec: dict) -> dict:
     """poise's train_step for plain DPO and each balanced preset, on the same batches, interleaved step by
-    step (the order rotates every step); each batch is stepped ``balancer_reps`` times by every method
-    (timings of repeated steps on one batch are comparable; the weights move a little); gate-dpo's threshold
-    is calibrated before (untimed)."""
+    step (the order rotates every step); each batch is stepped ``balancer_reps`` times by every method.
+
+    One model, one optimizer and one task serve all four methods: before each step the task's objective
+    (and the per-token statistics the engine computes for it) is swapped. Four separate 135M-parameter
+    models stepped in turn made the same method on the same batch vary by 5-15% (caches, memory), more
+    than the effect measured. The weights move a little between steps, which changes no timing; gate-dpo's
+    threshold is calibrated before (untimed)."""
     import torch
 
     import poise.trainer as trainer
@@ -318,34 +322,36 @@ def run_balancers(spec: dict) -> dict:
     from poise.setup import build_setup
 
     device, total, reps = spec["device"], spec["balancer_steps"], spec.get("balancer_reps", 1)
-    setups, scheds = {}, {}
     with tempfile.TemporaryDirectory(dir=spec["work_dir"]) as tmp:
+        cfg = _poise_cfg(spec, "dpo", Path(tmp) / "run", total * reps * len(BALANCER_METHODS))
+        s = build_setup(cfg)
+        sched = Schedule(s.task.lengths, cfg.batch_size, cfg.seed, cfg.epochs, cfg.max_steps)
+        engine = s.accelerator.unwrap_model(s.module)
+        objectives = {}
         for m in BALANCER_METHODS:
-            cfg = _poise_cfg(spec, m, Path(tmp) / m, total * reps)
-            s = build_setup(cfg)
-            sched = Schedule(s.task.lengths, cfg.batch_size, cfg.seed, cfg.epochs, cfg.max_steps)
+            s.task.objective = objectives[m] = _poise_cfg(spec, m, Path(tmp) / m, 1).build_objective()
             trainer._calibrate(s, sched)
-            setups[m], scheds[m] = s, sched
         times = {m: [[] for _ in range(total)] for m in BALANCER_METHODS}
         cpu = {m: [[] for _ in range(total)] for m in BALANCER_METHODS}
         tokens = []
         methods = list(BALANCER_METHODS)
         turn = 0
         for k in range(total):
-            batch = scheds["dpo"].batch(k)
-            tokens.append(setups["dpo"].task.real_tokens(batch))
+            batch = sched.batch(k)
+            tokens.append(s.task.real_tokens(batch))
             for _ in range(reps):
                 order = methods[turn % len(methods):] + methods[:turn % len(methods)]
                 turn += 1
                 for m in order:
-                    assert scheds[m].batch(k) == batch
+                    s.task.objective = objectives[m]
+                    engine.stats = tuple(sorted(objectives[m].needs_stats))
                     t0, c0 = now(device), cpu_now()
-                    out = trainer.train_step(setups[m], batch)
+                    out = trainer.train_step(s, batch)
                     times[m][k].append(now(device) - t0)
                     cpu[m][k].append(cpu_now() - c0)
                     if out.get("nonfinite"):
                         raise RuntimeError(f"{m}: non-finite step {k}")
-        del setups
+        del s, engine
         gc.collect()
     return {"kind": "balancers", "times": times, "cpu_times": cpu, "tokens_per_step": tokens,
             "warmup": spec["warmup"], "reps": reps, "threads": torch.get_num_threads()}

@@ -41,7 +41,7 @@ TARGETS = {"tokens_per_s_vs_trl": 1.5, "peak_mem_vs_trl_smollm2": 0.8, "step_vs_
 PRESETS = {
     "small": dict(batch=4, steps=6, warmup=2, rounds=2, balancer_steps=6, balancer_reps=2, prompt_words=(45, 170),
                   completion_words=(20, 170), max_length=512, max_prompt_length=256, lr=1e-5),
-    "smollm2": dict(batch=2, steps=4, warmup=1, rounds=2, balancer_steps=4, balancer_reps=1, prompt_words=(20, 80),
+    "smollm2": dict(batch=4, steps=3, warmup=1, rounds=2, balancer_steps=3, balancer_reps=2, prompt_words=(20, 80),
                     completion_words=(15, 110), max_length=320, max_prompt_length=128, lr=1e-6),
     "tiny": dict(batch=2, steps=2, warmup=1, rounds=1, balancer_steps=3, balancer_reps=1, prompt_words=(4, 12),
                  completion_words=(3, 10), max_length=64, max_prompt_length=32, lr=1e-4),
