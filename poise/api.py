@@ -88,7 +88,8 @@ def evaluate(run_dir: str | Path, *, eval_file: str | None = None, num_prompts: 
         eval_file: held-out preference data; default the run's ``eval_file``.
         num_prompts: prompts used for generations and the KL estimate.
         max_new_tokens: length limit of the generations.
-        gold: ``"testbed"`` to score the generations with the built-in task's gold reward.
+        gold: ``"testbed"`` to score the generations with the built-in task's gold reward, ``"instruct"``
+            with the same task asked in plain English of an instruct model (:mod:`poise.testbed.instruct`).
         seed: seed of the sampled generations.
 
     Returns:

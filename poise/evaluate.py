@@ -7,7 +7,8 @@
   external judges can score real models.
 - KL(policy || reference), estimated on responses sampled from the policy:
   mean over prompts of log pi(y|x) - log pi_ref(y|x).
-- With a gold reward (``--gold testbed``, the built-in task of poise.testbed): the gold reward of the
+- With a gold reward (``--gold testbed``, the built-in task of poise.testbed, or ``--gold instruct``, the
+  same task asked in plain English of an instruct model, poise.testbed.instruct): the gold reward of the
   policy's responses, its win rate against the reference's responses, a length-controlled win rate and
   the mean length.
 
@@ -37,9 +38,10 @@ log = logging.getLogger("poise")
 
 @torch.no_grad()
 def generate_ids(model, tokenizer, prompts: Sequence[tuple[int, ...]], *, max_new_tokens: int,
-                 sample: bool, seed: int, batch_size: int = 16) -> list[list[int]]:
+                 sample: bool, seed: int, batch_size: int = 16, temperature: float = 1.0) -> list[list[int]]:
     """Completions (token ids, EOS removed) for each prompt; left-padded batches, deterministic for
-    a seed."""
+    a seed. ``sample``: draw at ``temperature`` from the full distribution (no top-k or top-p), else
+    greedy."""
     out: list[list[int]] = []
     pad = tokenizer.pad_token_id
     gen = torch.Generator().manual_seed(seed)
@@ -55,7 +57,7 @@ def generate_ids(model, tokenizer, prompts: Sequence[tuple[int, ...]], *, max_ne
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
         dev = next(model.parameters()).device
         res = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
-                             do_sample=sample, temperature=1.0 if sample else None, top_p=None, top_k=None,
+                             do_sample=sample, temperature=temperature if sample else None, top_p=None, top_k=None,
                              pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
         for row in res[:, width:].tolist():
             out.append(_until_eos(row, tokenizer.eos_token_id, pad))
@@ -177,4 +179,9 @@ def _gold(name: str) -> tuple[Callable, Callable]:
         from .testbed.evaluate import score, win_rate
 
         return score, win_rate
-    raise ConfigError(f"unknown gold reward {name!r}; the built-in one is 'testbed'.")
+    if name == "instruct":
+        from .testbed import instruct
+
+        return instruct.score, instruct.win_rate
+    raise ConfigError(f"unknown gold reward {name!r}; the built-in ones are 'testbed' (the testbed's prompts) "
+                      "and 'instruct' (the testbed asked in plain English, poise.testbed.instruct).")

@@ -69,8 +69,23 @@ def load_model(name: str, *, gguf_file: str | None = None, dtype: str = "auto",
     except OSError as e:
         raise ConfigError(f"model: could not load {name!r} ({e}). Give a hub name (with a network), a "
                           "folder written by save_pretrained, or a .gguf file.") from None
-    if extra.get("gguf_file") and device.type == "cpu" and model.dtype != torch.float32:
-        model = model.float()
+    if extra.get("gguf_file"):
+        model = _plain_weights(model)
+        if device.type == "cpu" and model.dtype != torch.float32:
+            model = model.float()
+    return model
+
+
+def _plain_weights(model):
+    """A GGUF checkpoint is dequantised on load, but transformers still marks the model as quantized and
+    then refuses ``save_pretrained`` (so checkpoints and the final model could not be written). The
+    weights are ordinary tensors: drop the mark."""
+    model.hf_quantizer = None
+    for attr in ("is_quantized", "quantization_method"):
+        if attr in vars(model):
+            delattr(model, attr)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     return model
 
 

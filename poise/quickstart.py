@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,33 +89,37 @@ def run_sft(o: Options, root: Path, files: dict[str, Path]) -> Path:
     return train(cfg).model_dir
 
 
-def run_method(o: Options, root: Path, files: dict[str, Path], sft_model: Path, label: str, method: str,
-               extra: dict[str, Any]) -> Path:
-    run = root / "runs" / label
+def train_and_evaluate(run: Path, settings: dict[str, Any], *, label: str, gold: str, eval_prompts: int,
+                       max_new_tokens: int, seed: int, drop_checkpoints: bool = False) -> Path:
+    """Train one run folder (``settings``: a config as a dict), then write its eval.json with ``label``.
+    Resumable: a run with an eval.json is not trained again; one with checkpoints resumes.
+    ``drop_checkpoints``: delete ``checkpoints/`` once eval.json is written (``model/`` stays); for
+    real models, whose checkpoints (weights and optimizer state) take gigabytes."""
     if (run / "eval.json").is_file():
-        return run  # resumable: a finished method is not trained again
-    cfg = from_dict(dict(model=str(sft_model), train_file=str(files["pairs"]), eval_file=str(files["eval"]),
-                         probe_file=str(files["probes"]), method=method, output_dir=str(run), beta=o.beta,
-                         epochs=o.epochs, learning_rate=o.learning_rate, diagnostics_steps=10, probe_pairs=32,
-                         resume=(run / "checkpoints").is_dir(), **extra, **_common(o, root)))
-    train(cfg)
-    result = evaluate_run(run, gold="testbed", num_prompts=o.eval_prompts, max_new_tokens=8, seed=o.seed)
+        return run
+    train(from_dict(dict(settings, output_dir=str(run), resume=(run / "checkpoints").is_dir())))
+    result = evaluate_run(run, gold=gold, num_prompts=eval_prompts, max_new_tokens=max_new_tokens, seed=seed)
     result["label"] = label
     (run / "eval.json").write_text(json.dumps(result, indent=1))
+    if drop_checkpoints:
+        shutil.rmtree(run / "checkpoints", ignore_errors=True)
     return run
 
 
-def run_quickstart(o: Options) -> Path:
-    """Everything above; returns the path of the Markdown report."""
+def run_method(o: Options, root: Path, files: dict[str, Path], sft_model: Path, label: str, method: str,
+               extra: dict[str, Any]) -> Path:
+    settings = dict(model=str(sft_model), train_file=str(files["pairs"]), eval_file=str(files["eval"]),
+                    probe_file=str(files["probes"]), method=method, beta=o.beta, epochs=o.epochs,
+                    learning_rate=o.learning_rate, diagnostics_steps=10, probe_pairs=32, **extra, **_common(o, root))
+    return train_and_evaluate(root / "runs" / label, settings, label=label, gold="testbed",
+                              eval_prompts=o.eval_prompts, max_new_tokens=8, seed=o.seed)
+
+
+def write_report(root: Path, runs: list[Path], t0: float) -> Path:
+    """report.md and plots/ in ``root``; prints the comparison table and where everything is."""
     from .plot import plot_main
     from .report import comparison_table, load_runs, report_main
 
-    t0 = time.time()
-    root = Path(o.out)
-    files = prepare_data(o, root)
-    log.info("quickstart: data in %s", root / "data")
-    sft_model = run_sft(o, root, files)
-    runs = [run_method(o, root, files, sft_model, *m) for m in o.methods]
     report = root / "report.md"
     report_main([str(r) for r in runs], str(report))
     pngs = plot_main([str(r) for r in runs], str(root / "plots"))
@@ -122,3 +127,14 @@ def run_quickstart(o: Options) -> Path:
     print(f"\nquickstart finished in {time.time() - t0:.0f} s: report {report}, plots {root / 'plots'} "
           f"({len(pngs)} PNG files), runs {root / 'runs'}")
     return report
+
+
+def run_quickstart(o: Options) -> Path:
+    """Everything above; returns the path of the Markdown report."""
+    t0 = time.time()
+    root = Path(o.out)
+    files = prepare_data(o, root)
+    log.info("quickstart: data in %s", root / "data")
+    sft_model = run_sft(o, root, files)
+    runs = [run_method(o, root, files, sft_model, *m) for m in o.methods]
+    return write_report(root, runs, t0)

@@ -4,12 +4,15 @@
 closed vocabulary) and its gold reward; :mod:`poise.testbed.pairs` writes SFT rows, off-policy and
 on-policy preference pairs labelled by a (biased, noisy) simulated labeller, squeezing probes and
 disjoint prompt splits; :mod:`poise.testbed.evaluate` generates responses and scores them (gold
-reward, raw and length-controlled win rates).
+reward, raw and length-controlled win rates); :mod:`poise.testbed.instruct` asks the same task in
+plain English of a real instruct model (chat template, a gold reward for free-form replies, pairs
+from the model's own samples).
 """
 
 from poise.testbed.evaluate import fit_logistic, generate, score, win_rate
 from poise.testbed.pairs import (
     PromptSplits,
+    best_and_worst,
     corrupt,
     labeller_score,
     offpolicy_pairs,
@@ -41,6 +44,7 @@ __all__ = [
     "OPS",
     "WORDS",
     "PromptSplits",
+    "best_and_worst",
     "build_testbed_model",
     "build_testbed_tokenizer",
     "corrupt",

@@ -10,7 +10,7 @@ Everything is deterministic for a seed (on one device and torch build).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -76,31 +76,40 @@ def _generate_batch(model: Any, tokenizer: Any, prompts: list[str], max_new_toke
     return texts
 
 
-def score(prompts: Sequence[str], responses: Sequence[str]) -> dict[str, float]:
+#: A gold reward: (prompt, response) -> a number in [0, 1], 1 exactly for a correct answer.
+Reward = Callable[[str, str], float]
+
+
+def score(prompts: Sequence[str], responses: Sequence[str], *, reward: Reward = gold_reward,
+          answer: Callable[[str], str] = gold_answer) -> dict[str, float]:
     """Mean gold reward, exact-match rate and mean length (words) of responses to ``prompts``.
 
-    Returns ``{"gold_reward", "exact_match", "length", "gold_length", "n"}``; ``gold_length`` is the
-    mean length of the gold answers, for comparison.
+    Returns ``{"gold_reward", "exact_match", "length", "gold_length", "n"}``; ``exact_match`` is the
+    fraction of responses with reward 1 (for the testbed: exactly the gold answer's words),
+    ``length`` the mean number of whitespace-separated words and ``gold_length`` the mean length of the
+    gold answers, for comparison. ``reward`` and ``answer`` default to the testbed's; pass
+    :mod:`poise.testbed.instruct`'s to score free-form replies of an instruct model.
     """
     _check_lengths(prompts, responses)
     if not prompts:
         raise ValueError("score needs at least one prompt")
-    rewards = [gold_reward(p, r) for p, r in zip(prompts, responses)]
-    golds = [gold_answer(p).split() for p in prompts]
+    rewards = [reward(p, r) for p, r in zip(prompts, responses)]
     return {
         "gold_reward": float(np.mean(rewards)),
-        "exact_match": float(np.mean([r.split() == g for r, g in zip(responses, golds)])),
+        "exact_match": float(np.mean([r >= 1.0 for r in rewards])),
         "length": float(np.mean([len(r.split()) for r in responses])),
-        "gold_length": float(np.mean([len(g) for g in golds])),
+        "gold_length": float(np.mean([len(answer(p).split()) for p in prompts])),
         "n": float(len(prompts)),
     }
 
 
-def win_rate(prompts: Sequence[str], responses_a: Sequence[str], responses_b: Sequence[str]) -> dict[str, float]:
+def win_rate(prompts: Sequence[str], responses_a: Sequence[str], responses_b: Sequence[str], *,
+             reward: Reward = gold_reward) -> dict[str, float]:
     """Win rate of responses ``a`` over ``b`` under the gold reward, raw and length-controlled.
 
     Per prompt i the outcome is ``o_i = 1`` if ``gold(a_i) > gold(b_i)``, ``0.5`` on a tie and ``0``
-    otherwise; the raw win rate is the mean of ``o_i``.
+    otherwise (``gold`` is ``reward``, the testbed's gold reward by default); the raw win rate is the
+    mean of ``o_i``.
 
     Length-controlled win rate (after AlpacaEval 2's LC, without its per-instruction term): with the
     length difference ``d_i = len(a_i) - len(b_i)`` in words and ``s`` the standard deviation of
@@ -121,8 +130,8 @@ def win_rate(prompts: Sequence[str], responses_a: Sequence[str], responses_b: Se
     _check_lengths(prompts, responses_b)
     if not prompts:
         raise ValueError("win_rate needs at least one prompt")
-    ga = np.array([gold_reward(p, r) for p, r in zip(prompts, responses_a)])
-    gb = np.array([gold_reward(p, r) for p, r in zip(prompts, responses_b)])
+    ga = np.array([reward(p, r) for p, r in zip(prompts, responses_a)])
+    gb = np.array([reward(p, r) for p, r in zip(prompts, responses_b)])
     outcome = np.where(ga > gb, 1.0, np.where(ga < gb, 0.0, 0.5))
     diff = np.array([len(a.split()) - len(b.split()) for a, b in zip(responses_a, responses_b)], float)
     raw = float(outcome.mean())

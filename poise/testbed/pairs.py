@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -207,15 +207,28 @@ def onpolicy_pairs(
     rows = []
     for k, prompt in enumerate(prompts):
         group = samples[k * samples_per_prompt : (k + 1) * samples_per_prompt]
-        candidates = sorted({s for s in group if s.strip()}, key=group.index)
-        if len(candidates) < 2:
-            continue
-        scored = sorted(candidates, key=lambda s: labeller_score(prompt, s, length_bias))
-        worse, better = scored[0], scored[-1]
-        if labeller_score(prompt, better, length_bias) - labeller_score(prompt, worse, length_bias) <= _TIE:
-            continue
-        rows.append(_pair_row(prompt, better, worse, _rng("onpolicy", seed, prompt), label_noise))
+        picked = best_and_worst(group, lambda s, p=prompt: labeller_score(p, s, length_bias))
+        if picked is not None:
+            rows.append(_pair_row(prompt, *picked, _rng("onpolicy", seed, prompt), label_noise))
     return rows
+
+
+def best_and_worst(samples: Sequence[str], key: Callable[[str], float]) -> tuple[str, str] | None:
+    """``(best, worst)`` of the distinct non-empty ``samples`` under ``key``, or None.
+
+    None when fewer than two distinct non-empty samples remain or when the best ties with the worst
+    (within 1e-9). Among equal scores the order of ``samples`` decides: the worst is the first drawn
+    of the lowest, the best the last drawn of the highest.
+    """
+    samples = list(samples)
+    candidates = sorted({s for s in samples if s.strip()}, key=samples.index)
+    if len(candidates) < 2:
+        return None
+    scored = sorted(candidates, key=key)
+    worse, better = scored[0], scored[-1]
+    if key(better) - key(worse) <= _TIE:
+        return None
+    return better, worse
 
 
 # -- probes and splits -----------------------------------------------------------------------------
