@@ -174,3 +174,19 @@ def loss_and_grads(objective, batch: PairLogps, **kw):
     g_w = batch.chosen.grad if batch.chosen.grad is not None else torch.zeros_like(batch.chosen)
     g_l = batch.rejected.grad if batch.rejected.grad is not None else torch.zeros_like(batch.rejected)
     return out, g_w, g_l
+
+
+def word_model(tok):
+    """A tiny random model that mostly says testbed words (their output rows scaled up), so that its
+    samples hold words the testbed's gold reward can tell apart."""
+    from poise.testbed.task import NUMBERS, WORDS
+    from poise.tiny import build_tiny_model
+
+    model = build_tiny_model(tok, seed=0)
+    vocab = tok.get_vocab()
+    keep = [vocab["Ġ" + w] for w in (*WORDS, *NUMBERS.values()) if "Ġ" + w in vocab] + [tok.eos_token_id]
+    with torch.no_grad():
+        scale = torch.zeros(len(tok))
+        scale[keep] = 50.0
+        model.lm_head.weight.mul_(scale[:, None])
+    return model

@@ -5,14 +5,14 @@ its timing are in docs/results.md."""
 import json
 
 import pytest
-import torch
+from helpers import word_model
 
 from poise.cli import main
 from poise.quickstart import METHODS
 from poise.quickstart_smollm2 import SmolOptions, run_smollm2_quickstart
 from poise.testbed import instruct
-from poise.testbed.task import NUMBERS, WORDS, make_prompts
-from poise.tiny import build_tiny_model, build_tiny_tokenizer
+from poise.testbed.task import make_prompts
+from poise.tiny import build_tiny_tokenizer
 
 
 def save_standin(folder):
@@ -22,13 +22,7 @@ def save_standin(folder):
     corpus = [instruction + " " + instruct.gold_answer(instruction)
               for instruction in map(instruct.instruction, make_prompts(200, seed=5))]
     tok = build_tiny_tokenizer(corpus, vocab_size=384)
-    model = build_tiny_model(tok, seed=0)
-    vocab = tok.get_vocab()
-    keep = [vocab["Ġ" + w] for w in (*WORDS, *NUMBERS.values()) if "Ġ" + w in vocab] + [tok.eos_token_id]
-    with torch.no_grad():
-        scale = torch.zeros(len(tok))
-        scale[keep] = 50.0
-        model.lm_head.weight.mul_(scale[:, None])
+    model = word_model(tok)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)

@@ -2,12 +2,12 @@
 on free-form replies (values worked by hand), scores, pair selection and self-sampled pairs."""
 
 import pytest
-import torch
+from helpers import word_model
 
 from poise.testbed import instruct as I
 from poise.testbed.pairs import best_and_worst
-from poise.testbed.task import NUMBERS, WORDS, make_prompts
-from poise.tiny import build_tiny_model, build_tiny_tokenizer
+from poise.testbed.task import make_prompts
+from poise.tiny import build_tiny_tokenizer
 
 REVERSE = "Reverse the order of these words: cat owl yak. Reply with the words only."  # gold "yak owl cat"
 COUNT = "How many words are in this list: bee dog dog? Reply with a number only."  # gold "three"
@@ -110,20 +110,8 @@ def test_prompt_ids_match_the_data_pipeline(tok):
     assert I.prompt_ids(tok, "Hi") == (tok.bos_token_id, *tok("Hi", add_special_tokens=False)["input_ids"])
 
 
-def _word_model(tok):
-    """A tiny random model that mostly says testbed words (their output rows scaled up)."""
-    model = build_tiny_model(tok, seed=0)
-    vocab = tok.get_vocab()
-    keep = [vocab["Ġ" + w] for w in (*WORDS, *NUMBERS.values()) if "Ġ" + w in vocab] + [tok.eos_token_id]
-    with torch.no_grad():
-        scale = torch.zeros(len(tok))
-        scale[keep] = 50.0
-        model.lm_head.weight.mul_(scale[:, None])
-    return model
-
-
 def test_self_pairs_rows_and_determinism(tok):
-    model = _word_model(tok)
+    model = word_model(tok)
     prompts = make_prompts(16, seed=0)
     kw = dict(samples_per_prompt=4, temperature=1.0, max_new_tokens=6, seed=1)
     rows = I.self_pairs(model, tok, prompts, **kw)
