@@ -192,25 +192,19 @@ def _model(cfg: TrainConfig, tokenizer, texts, device):
     return model.to(device)
 
 
-def _layout(cfg: TrainConfig, model, pairs, tokenizer) -> str:
-    """The pair layout (shared prompt prefix or separate rows) that cfg.pair_layout resolves to."""
-    models = [model]
-    if cfg.reference_model is not None and cfg.pair_layout != "separate":
-        # a separate reference must qualify too; its check loads it once more (small next to training)
-        models.append(load_model(cfg.reference_model, dtype=cfg.dtype, device=model.device,
-                                 trust_remote_code=cfg.trust_remote_code))
-    return choose_layout(cfg.pair_layout, models, pairs, tokenizer.pad_token_id, chunk_size=cfg.chunk_size)
+def _load_reference(cfg: TrainConfig, device):
+    """The separate reference model (``reference_model``), loaded once, or None."""
+    if cfg.reference_model is None:
+        return None
+    return load_model(cfg.reference_model, dtype=cfg.dtype, device=device,
+                      trust_remote_code=cfg.trust_remote_code).to(device)
 
 
-def _reference(cfg: TrainConfig, model, pairs, tokenizer, device, layout: str) -> dict[str, Any]:
-    """Keyword arguments of PreferenceTask for the reference, precomputed or live."""
-    separate = cfg.reference_model is not None
-    disable = not separate and cfg.lora_r > 0
-    if separate:
-        ref = load_model(cfg.reference_model, dtype=cfg.dtype, device=device,
-                         trust_remote_code=cfg.trust_remote_code).to(device)
-    else:
-        ref = model
+def _reference(cfg: TrainConfig, model, ref, pairs, tokenizer, device, layout: str) -> dict[str, Any]:
+    """Keyword arguments of PreferenceTask for the reference (``ref``: the separate reference model or
+    None for the initial policy), precomputed or live."""
+    disable = ref is None and cfg.lora_r > 0
+    ref = model if ref is None else ref
     ref_kw = dict(pad_token_id=tokenizer.pad_token_id, batch_size=cfg.micro_batch_size * 2,
                   chunk_size=cfg.chunk_size, device=device, disable_adapters=disable, layout=layout)
     if cfg.precompute_reference:
@@ -277,9 +271,12 @@ def build_setup(cfg: TrainConfig) -> Setup:
     if objective is None:
         task = SFTTask(sft_sequences(data, cfg.extended_sft), tokenizer.pad_token_id)
     else:
-        layout = _layout(cfg, model, data.pairs, tokenizer)
+        ref = _load_reference(cfg, acc.device) if objective.needs_reference else None
+        # a separate reference must qualify for the shared layout too
+        layout = choose_layout(cfg.pair_layout, [model] + ([ref] if ref is not None else []), data.pairs,
+                               tokenizer.pad_token_id, chunk_size=cfg.chunk_size)
         if objective.needs_reference:
-            ref_info = _reference(cfg, model, data.pairs, tokenizer, acc.device, layout)
+            ref_info = _reference(cfg, model, ref, data.pairs, tokenizer, acc.device, layout)
         task = PreferenceTask(data.pairs, objective, tokenizer.pad_token_id, chunk_size=cfg.chunk_size,
                               diagnostics=cfg.diagnostics, layout=layout,
                               **{k: v for k, v in ref_info.items() if k != "ref_cache"})

@@ -70,6 +70,16 @@ def test_shared_and_separate_pair_layouts_give_the_same_trajectory(make_cfg, cap
     assert_same_params(params(a.run_dir), params(b.run_dir))
 
 
+def test_separate_reference_model_starts_at_ln2_in_the_shared_layout(make_cfg, assets, caplog):
+    """A reference_model folder (here the same weights): loaded once, checked for the shared layout
+    together with the policy, and equal to the policy at step 1."""
+    caplog.set_level("INFO", logger="poise")
+    res = train(make_cfg(method="dpo", reference_model=str(assets / "model"), precompute_reference=False,
+                         max_steps=1))
+    assert "pair layout: shared prompt prefix" in caplog.text
+    assert steps(res.run_dir)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
 def test_reference_cache_is_reused(make_cfg, caplog):
     train(make_cfg(name="first", method="dpo", max_steps=1))
     with caplog.at_level("INFO", logger="poise"):
