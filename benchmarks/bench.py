@@ -39,9 +39,9 @@ TARGETS = {"tokens_per_s_vs_trl": 1.5, "peak_mem_vs_trl_smollm2": 0.8, "step_vs_
 
 # Per model: data lengths (in words; token lengths are measured and printed), limits, batch and steps.
 PRESETS = {
-    "small": dict(batch=4, steps=6, warmup=2, rounds=2, balancer_steps=6, balancer_reps=2, prompt_words=(45, 170),
+    "small": dict(batch=4, steps=6, warmup=2, rounds=2, balancer_steps=8, balancer_reps=3, prompt_words=(45, 170),
                   completion_words=(20, 170), max_length=512, max_prompt_length=256, lr=1e-5),
-    "smollm2": dict(batch=4, steps=3, warmup=1, rounds=2, balancer_steps=3, balancer_reps=2, prompt_words=(20, 80),
+    "smollm2": dict(batch=4, steps=3, warmup=1, rounds=2, balancer_steps=4, balancer_reps=3, prompt_words=(20, 80),
                     completion_words=(15, 110), max_length=320, max_prompt_length=128, lr=1e-6),
     "tiny": dict(batch=2, steps=2, warmup=1, rounds=1, balancer_steps=3, balancer_reps=1, prompt_words=(4, 12),
                  completion_words=(3, 10), max_length=64, max_prompt_length=32, lr=1e-4),
@@ -213,10 +213,12 @@ def verify_tokens(results: dict[str, list[dict]]) -> dict:
 
 
 def balancer_summary(res: dict, key: str = "times") -> dict:
-    """Per batch, the median over repeats of each method's step time; then, over batches, the median of the
-    ratio to plain DPO on the same batch (paired), and the ratio of the methods' median step times."""
+    """Per batch, the fastest of the repeats of each method's step (on a shared CPU the same step on the same
+    batch varies by 10-20% between repeats, and disturbances only ever add time, so the minimum is the
+    least-disturbed estimate, as in ``timeit``); then, over batches, the median of the ratio to plain DPO on
+    the same batch (paired), the ratio of the methods' median step times and the ratio of the totals."""
     w = res["warmup"]
-    t = {m: [statistics.median(reps) for reps in v[w:]] for m, v in res[key].items()}
+    t = {m: [min(reps) for reps in v[w:]] for m, v in res[key].items()}
     base = t["dpo"]
     out = {}
     for m, v in t.items():
@@ -295,8 +297,9 @@ def rest_report(res: dict) -> list[str]:
         bc = r["raw"].get("balancers_cpu") or {}
         v0 = b["dpo"]
         out.append(f"balancer overhead over plain DPO in poise ({v0['batches']} batches x {v0['reps']} repeats per "
-                   "method, the four methods interleaved step by step on the same batches, train_step time; "
-                   "overhead = median over batches of the ratio to DPO on the same batch, minus 1):")
+                   "method, the four methods interleaved step by step on the same batches, train_step time, the "
+                   "fastest repeat per batch; overhead = median over batches of the ratio to DPO on the same "
+                   "batch, minus 1):")
         out.append(fmt_table(["method", "median step s", "overhead (wall)", "ratio of totals (wall)",
                               "median CPU s", "overhead (CPU)", "ratio of totals (CPU)"],
                              [[m, f"{v['median_step_s']:.3f}", f"{100 * (v['median_paired_ratio'] - 1):+.1f}%",
