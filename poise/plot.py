@@ -213,7 +213,7 @@ def draw_length(ax: Axes, runs: Sequence[Run], colors: Colors, legend: bool = Tr
         ax.set_xticks([])
         if legend:
             _bar_legend(ax, [r for _, r, _ in scored], colors)
-    ax.set_ylabel("mean length (tokens)")
+    ax.set_ylabel("mean length (words)")  # testbed and instruct gold scorers count words
     ax.grid(axis="y", alpha=0.3)
     ax.margins(y=0.1)
     return True
