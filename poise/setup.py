@@ -22,7 +22,7 @@ from .models import add_lora, check_chat_template, check_tokenizer, load_model, 
 from .reference import cached_reference_sums
 from .runlog import MetricAccumulator
 from .schedule import Schedule, lr_lambda
-from .shared_prefix import choose_layout
+from .shared_prefix import choose_layout, pairs_reason
 from .tasks import PolicyLogps, PreferenceTask, SFTTask
 
 log = logging.getLogger("poise")
@@ -221,8 +221,8 @@ def _eval_task(cfg: TrainConfig, tokenizer, objective, ref_info, layout: str) ->
     if not cfg.eval_file or objective is None:
         return None
     data, _ = _data(cfg, tokenizer, cfg.eval_file)
-    if any(not p.prompt_ids for p in data.pairs):
-        layout = "separate"  # the shared layout needs a prompt token to predict the first response token
+    if pairs_reason(data.pairs):
+        layout = "separate"  # the train pairs chose the layout; eval pairs without a prompt cannot share
     kw = {k: v for k, v in ref_info.items() if k in ("ref_model", "ref_disable_adapters")}
     if objective.needs_reference and "ref_cache" in ref_info:
         ref, ref_kw = ref_info["ref_cache"]

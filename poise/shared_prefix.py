@@ -163,6 +163,12 @@ def verify_shared_prefix(model: nn.Module, pairs: Sequence[TokenizedPair], pad_t
     return (sep.logps[sep.mask] - sh.logps[sh.mask]).abs().max().item()
 
 
+def pairs_reason(pairs: Sequence[TokenizedPair]) -> str | None:
+    """Why these pairs cannot take the shared layout, or None: it needs at least one prompt token, whose
+    position predicts the first token of each response."""
+    return "some pairs have an empty prompt" if any(not p.prompt_ids for p in pairs) else None
+
+
 def choose_layout(setting: str, models: Sequence[nn.Module], pairs: Sequence[TokenizedPair], pad_token_id: int,
                   *, chunk_size: int = 1024) -> str:
     """``"shared"`` or ``"separate"`` for the config value ``pair_layout`` (auto / shared / separate).
@@ -172,9 +178,7 @@ def choose_layout(setting: str, models: Sequence[nn.Module], pairs: Sequence[Tok
     """
     if setting == "separate" or not pairs:
         return "separate"
-    problem = next((r for r in map(shared_prefix_reason, models) if r), None)
-    if problem is None and any(not p.prompt_ids for p in pairs):
-        problem = "some pairs have an empty prompt"
+    problem = next((r for r in map(shared_prefix_reason, models) if r), None) or pairs_reason(pairs)
     if problem is None:
         sample = list(pairs[:4])
         for model in models:

@@ -15,6 +15,7 @@ from poise.shared_prefix import (
     attention_mask_4d,
     batch_logps,
     choose_layout,
+    pairs_reason,
     shared_prefix_reason,
     verify_shared_prefix,
 )
@@ -129,6 +130,14 @@ def test_choose_layout():
         choose_layout("shared", [gpt2], pairs, 0)
     no_prompt = [TokenizedPair((), (5, 2), (6, 2), "f", 1)]
     assert choose_layout("auto", [model], no_prompt, 0) == "separate"
+    with pytest.raises(ConfigError, match="some pairs have an empty prompt"):
+        choose_layout("shared", [model], pairs + no_prompt, 0)
+
+
+def test_pairs_reason_needs_a_prompt_token_in_every_pair():
+    pairs = _pairs()
+    assert pairs_reason(pairs) is None
+    assert pairs_reason(pairs + [TokenizedPair((), (5,), (6,), "f", 9)]) == "some pairs have an empty prompt"
 
 
 def test_peft_lora_model_qualifies_and_matches():
