@@ -40,6 +40,7 @@ from .testbed.instruct import SYSTEM
 
 log = logging.getLogger("poise")
 
+
 @dataclass
 class SmolOptions:
     out: str = "quickstart-smollm2"
