@@ -74,7 +74,7 @@ def test_train_from_a_yaml_file_and_from_a_config(assets, tmp_path):
     a = train(path, max_steps=1, output_dir=str(tmp_path / "a"))  # overrides win over the file
     b = train(from_dict(_raw(assets, tmp_path, output_dir=str(tmp_path / "b"))), max_steps=1)
     assert a.steps == b.steps == 1
-    assert a.metrics["loss"] == pytest.approx(b.metrics["loss"], abs=1e-6)
+    assert a.metrics["loss"] == pytest.approx(b.metrics["loss"], rel=1e-6, abs=1e-6)
 
 
 def test_config_errors_come_before_anything_is_written(assets, tmp_path):

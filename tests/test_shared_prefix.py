@@ -77,9 +77,9 @@ def test_logps_stats_and_gradients_match_the_separate_layout(attn, path):
     assert sh.path == path and sh.mask.shape == (8, 6)
     # the same scored tokens in the same row-major order: per row, the same counts
     assert sh.mask.sum(-1).tolist() == sep.mask.sum(-1).tolist() == [4, 2, 1, 6, 2, 5, 1, 3]
-    torch.testing.assert_close(sh.logps[sh.mask], sep.logps[sep.mask], atol=2e-6, rtol=0)
+    torch.testing.assert_close(sh.logps[sh.mask], sep.logps[sep.mask], atol=2e-6, rtol=2e-6)
     for name in STAT_NAMES:
-        torch.testing.assert_close(sh.stats[name][sh.mask], sep.stats[name][sep.mask], atol=2e-6, rtol=0)
+        torch.testing.assert_close(sh.stats[name][sh.mask], sep.stats[name][sep.mask], atol=2e-6, rtol=2e-6)
     assert (sh.logps[~sh.mask] == 0).all()
     for name in g_sep:
         torch.testing.assert_close(g_sh[name], g_sep[name], atol=1e-5, rtol=1e-4, msg=name)

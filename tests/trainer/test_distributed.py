@@ -29,7 +29,7 @@ def test_two_processes_equal_one(make_cfg, tmp_path):
     a = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
     b = load_file(str(tmp_path / "two" / "model" / "model.safetensors"))
     for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=0), k
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-5), k
     assert proc.stdout.count("done:") == 1  # only the main process reports
 
 
