@@ -84,7 +84,7 @@ def build_small(folder: Path, *, vocab_size: int = 8192, hidden: int = 256, laye
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from poise.tiny import build_tiny_tokenizer
+    from poise.model.tiny import build_tiny_tokenizer
 
     rng = random.Random(seed)
     vocab = _pseudo_words(rng, 12000)
@@ -115,8 +115,8 @@ def smollm2_folder(log=print) -> Path:
         return SMOLLM2_CACHE
     import torch
 
-    from poise.assets import smollm2_gguf
-    from poise.models import load_model, load_tokenizer
+    from poise.model.load import load_model, load_tokenizer
+    from poise.recipes.assets import smollm2_gguf
 
     gguf = smollm2_gguf()
     log(f"loading {gguf} (dequantising the GGUF takes about a minute; done once, then cached in {SMOLLM2_CACHE})")

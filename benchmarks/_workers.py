@@ -54,7 +54,7 @@ def _finish(rec: dict, batches: list, spec: dict, peak: PeakMemory) -> dict:
 
 
 def _poise_cfg(spec: dict, method: str, run_dir: Path, max_steps: int):
-    from poise.config import from_dict
+    from poise.training.config import from_dict
 
     raw = {
         "model": spec["model_dir"], "train_file": spec["train_file"], "output_dir": str(run_dir),
@@ -71,17 +71,17 @@ def _poise_cfg(spec: dict, method: str, run_dir: Path, max_steps: int):
 
 
 def run_poise(spec: dict) -> dict:
-    """poise.trainer.train(cfg) with plain DPO; step ends recorded by wrapping poise.trainer.train_step."""
+    """poise.training.loop.train(cfg) with plain DPO; step ends recorded by wrapping poise.training.loop.train_step."""
     import poise.data
-    import poise.tasks
-    import poise.trainer as trainer
+    import poise.training.loop as trainer
+    import poise.training.tasks
 
     device, total = spec["device"], spec["total_steps"]
     rec = {"kind": "poise", "ends": [], "cpu_ends": [], "inner": [], "idx": []}
     batches: list = []
     peak = PeakMemory(device)
     state = {"recording": False}
-    orig_step, orig_collate = trainer.train_step, poise.tasks.PreferenceTask.collate
+    orig_step, orig_collate = trainer.train_step, poise.training.tasks.PreferenceTask.collate
 
     def collate(self, idx):
         b = orig_collate(self, idx)
@@ -115,7 +115,7 @@ def run_poise(spec: dict) -> dict:
         return out
 
     trainer.train_step = train_step
-    poise.tasks.PreferenceTask.collate = collate
+    poise.training.tasks.PreferenceTask.collate = collate
     t_setup = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=spec["work_dir"]) as tmp:
         cfg = _poise_cfg(spec, "dpo", Path(tmp) / "run", total)
@@ -317,9 +317,9 @@ def run_balancers(spec: dict) -> dict:
     threshold is calibrated before (untimed)."""
     import torch
 
-    import poise.trainer as trainer
-    from poise.schedule import Schedule
-    from poise.setup import build_setup
+    import poise.training.loop as trainer
+    from poise.training.build import build_setup
+    from poise.training.schedule import Schedule
 
     device, total, reps = spec["device"], spec["balancer_steps"], spec.get("balancer_reps", 1)
     with tempfile.TemporaryDirectory(dir=spec["work_dir"]) as tmp:
@@ -362,11 +362,11 @@ def run_balancers(spec: dict) -> dict:
 
 def run_memscan(spec: dict) -> dict:
     """Peak memory of one forward + backward of a Llama's per-token completion log-probs, through
-    poise.logprobs.token_logps (path 'poise') or full logits -> log_softmax -> gather (path 'full')."""
+    poise.model.logprobs.token_logps (path 'poise') or full logits -> log_softmax -> gather (path 'full')."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from poise.logprobs import token_logps
+    from poise.model.logprobs import token_logps
 
     device, vocab, length, rows = spec["device"], spec["vocab"], spec["length"], spec["rows"]
     torch.manual_seed(0)

@@ -62,8 +62,8 @@ def build_assets(args, work: Path) -> dict:
     import _assets
 
     from poise.data import load_rows, tokenize_rows
-    from poise.models import load_tokenizer
-    from poise.schedule import Schedule
+    from poise.model.load import load_tokenizer
+    from poise.training.schedule import Schedule
 
     p = PRESETS[args.preset]
     if args.model == "smollm2":

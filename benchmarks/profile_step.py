@@ -6,7 +6,7 @@ disturb the figures as little as possible).
 
 WORK_DIR is a bench.py --work-dir. Measured per batch (median over repeats), all on the same model and rows:
 
-* poise.trainer.train_step (plain DPO, reference precomputed), cut into phases by wrapping what it calls:
+* poise.training.loop.train_step (plain DPO, reference precomputed), cut into phases by wrapping what it calls:
   collation, the log-prob engine's forward, the objective, backward, clipping, optimizer step, the rest;
 * the backbone alone (forward + backward of the last hidden states with a fixed random cotangent);
 * the log-prob heads on top of it (each = its forward + backward minus the backbone's):
@@ -65,9 +65,9 @@ class Phases:
 def poise_phases(spec, batches, repeats):
     from _workers import _poise_cfg
 
-    import poise.tasks as tasks
-    import poise.trainer as trainer
-    from poise.setup import build_setup
+    import poise.training.loop as trainer
+    import poise.training.tasks as tasks
+    from poise.training.build import build_setup
 
     tmp = tempfile.mkdtemp(dir=spec["work_dir"])
     cfg = _poise_cfg(spec, "dpo", Path(tmp) / "run", 10**6)
@@ -116,7 +116,7 @@ def pieces(model, batch, repeats):
     """CPU seconds (median over repeats) of the backbone and of each head, forward + backward."""
     from trl.trainer.utils import add_fused_lm_head
 
-    from poise.logprobs import token_logps
+    from poise.model.logprobs import token_logps
 
     ids, am, cm = batch
     torch.manual_seed(0)
@@ -199,7 +199,7 @@ def balancer_costs(model, batch, repeats):
     for each method on one batch and one model, interleaved, and of the objective alone (forward + backward
     on detached per-token log-probs)."""
     import poise
-    from poise.logprobs import pair_logps, token_logps
+    from poise.model.logprobs import pair_logps, token_logps
 
     ids, am, cm = batch
     b = ids.shape[0] // 2
@@ -280,8 +280,8 @@ def main():
 def _poise_batches(spec, first, n):
     """The pair indices of poise's batches first..first+n-1 (its own Schedule, as in the benchmark)."""
     from poise.data import load_rows, tokenize_rows
-    from poise.models import load_tokenizer
-    from poise.schedule import Schedule
+    from poise.model.load import load_tokenizer
+    from poise.training.schedule import Schedule
 
     tok = load_tokenizer(spec["model_dir"])
     data = tokenize_rows(load_rows(spec["train_file"]), tok, max_length=spec["max_length"],

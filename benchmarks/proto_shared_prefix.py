@@ -6,7 +6,7 @@ WORK_DIR is a bench.py --work-dir (it holds ``model/`` or the SmolLM2 folder nam
 and ``pairs_in_batch_order.json``). For each batch of the benchmark it times one forward + backward of the DPO
 policy term (sum of completion log-probs of chosen and rejected) in three layouts, interleaved:
 
-* ``poise``: poise.logprobs.token_logps on the usual 2B right-padded rows (prompt+chosen, prompt+rejected);
+* ``poise``: poise.model.logprobs.token_logps on the usual 2B right-padded rows (prompt+chosen, prompt+rejected);
 * ``shared``: B rows [prompt | chosen | rejected]: the rejected tokens see the prompt and themselves but not
   the chosen tokens (a boolean 4D mask, True = attend), their position ids restart after the prompt; the
   first chosen and the first rejected token are both predicted by the last prompt position. The output head
@@ -90,7 +90,7 @@ def shared_sums(model, batch, chunk=1024):
 
 
 def poise_sums(model, batch):
-    from poise.logprobs import token_logps
+    from poise.model.logprobs import token_logps
 
     ids, am, cm = batch
     s = token_logps(model, ids, am, cm).logps.sum(-1)

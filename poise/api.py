@@ -17,20 +17,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-# Load the submodule poise.evaluate before poise/__init__ binds the function ``evaluate`` below to the
-# package: a first import of that submodule later on would replace the function by the module.
-from .config import TrainConfig, from_dict, load_config
-from .errors import ConfigError
-from .evaluate import evaluate_run
+from poise.errors import ConfigError
+from poise.eval.run import evaluate_run
+from poise.training.config import TrainConfig, from_dict, load_config
 
 if TYPE_CHECKING:
-    from .trainer import TrainResult
+    from poise.training.loop import TrainResult
 
 __all__ = ["evaluate", "resolve_config", "train"]
 
 
 def resolve_config(config: dict[str, Any] | str | Path | TrainConfig, **overrides: Any) -> TrainConfig:
-    """The validated :class:`~poise.config.TrainConfig` that :func:`train` would run.
+    """The validated :class:`~poise.training.config.TrainConfig` that :func:`train` would run.
 
     Args:
         config: a mapping of config keys (as in the YAML files), the path of a YAML config, or a
@@ -64,7 +62,7 @@ def train(config: dict[str, Any] | str | Path | TrainConfig, /, **overrides: Any
         **overrides: config keys that replace the config's values, e.g. ``beta=0.05``, ``max_steps=10``.
 
     Returns:
-        A :class:`~poise.trainer.TrainResult`: ``run_dir`` (the run folder: ``metrics.jsonl``,
+        A :class:`~poise.training.loop.TrainResult`: ``run_dir`` (the run folder: ``metrics.jsonl``,
         ``config.yaml``, checkpoints), ``model_dir`` (the trained model in Hugging Face format),
         ``steps`` (optimizer steps taken), ``metrics`` (the last step's metrics, and the ``eval/*``
         metrics of ``eval_file`` when given; plain floats) and ``stopped_early`` (stopped by a signal).
@@ -74,7 +72,7 @@ def train(config: dict[str, Any] | str | Path | TrainConfig, /, **overrides: Any
         DataError: a bad row in the data (with ``on_bad_row: error``).
         NonFiniteError: a non-finite loss or gradient with ``on_nonfinite: stop``.
     """
-    from .trainer import train as run_training
+    from poise.training.loop import train as run_training
 
     return run_training(resolve_config(config, **overrides))
 

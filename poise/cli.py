@@ -10,14 +10,14 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .errors import PoiseError
+from poise.errors import PoiseError
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
     """List every loss, balancer and preset, one line each, with its paper."""
-    from .balance import BALANCERS
-    from .losses import LOSSES
-    from .presets import PRESETS
+    from poise.balance import BALANCERS
+    from poise.losses import LOSSES
+    from poise.presets import PRESETS
 
     def table(title: str, rows: list[tuple[str, str, str]]) -> None:
         print(title)
@@ -37,8 +37,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train as CONFIG says (key=value pairs override it)."""
-    from .config import load_config
-    from .trainer import train
+    from poise.training.config import load_config
+    from poise.training.loop import train
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg)
@@ -52,7 +52,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """Check a config without loading any model or data."""
-    from .config import load_config
+    from poise.training.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     obj = cfg.build_objective()
@@ -63,7 +63,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     """Print the resolved config, defaults included."""
-    from .config import dump_config, load_config
+    from poise.training.config import dump_config, load_config
 
     cfg = load_config(args.config, args.overrides)
     obj = cfg.build_objective()
@@ -75,7 +75,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_config_docs(args: argparse.Namespace) -> int:
     """Write the config reference (docs/config.md) from the field docs."""
-    from .configdoc import as_markdown
+    from poise.training.configdoc import as_markdown
 
     Path(args.output).write_text(as_markdown())
     print(f"wrote {args.output}")
@@ -83,14 +83,14 @@ def cmd_config_docs(args: argparse.Namespace) -> int:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    """The built-in comparison on the testbed: a tiny model trained from scratch (poise/quickstart.py),
-    or SmolLM2-135M-Instruct on its own samples (poise/quickstart_smollm2.py)."""
+    """The built-in comparison on the testbed: a tiny model trained from scratch (poise/recipes/quickstart.py),
+    or SmolLM2-135M-Instruct on its own samples (poise/recipes/quickstart_smollm2.py)."""
     if args.model == "smollm2":
-        from .quickstart_smollm2 import SmolOptions, run_smollm2_quickstart
+        from poise.recipes.quickstart_smollm2 import SmolOptions, run_smollm2_quickstart
 
         run_smollm2_quickstart(SmolOptions(out=args.out or "quickstart-smollm2", seed=args.seed))
         return 0
-    from .quickstart import Options, run_quickstart
+    from poise.recipes.quickstart import Options, run_quickstart
 
     run_quickstart(Options(out=args.out or "quickstart", seed=args.seed))
     return 0
@@ -100,7 +100,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a finished run: held-out metrics, KL, generations, gold scores (eval.json)."""
     import json
 
-    from .evaluate import evaluate_run
+    from poise.eval.run import evaluate_run
 
     result = evaluate_run(args.run, eval_file=args.eval_file, num_prompts=args.prompts,
                           max_new_tokens=args.max_new_tokens, gold=args.gold, seed=args.seed)
@@ -110,7 +110,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Run (or list) the cells of a sweep file; finished runs are skipped."""
-    from .sweep import sweep_main
+    from poise.eval.sweep import sweep_main
 
     runs = sweep_main(args.sweep, only=args.only, list_only=args.list)
     if runs:
@@ -126,7 +126,7 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Tables comparing runs (and grid cells) as Markdown."""
-    from .report import report_main
+    from poise.eval.report import report_main
 
     print(report_main(args.runs, args.out, baseline=args.baseline))
     return 0
@@ -134,7 +134,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     """Overlay the curves of several runs as PNG files."""
-    from .plot import plot_main
+    from poise.eval.plot import plot_main
 
     for path in plot_main(args.runs, args.out, keys=args.key or None):
         print(path)
@@ -193,7 +193,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, Callable | N
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .configdoc import as_text
+    from poise.training.configdoc import as_text
 
     parser = argparse.ArgumentParser(prog="poise", description="Preference optimization with balanced gradients.")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks of errors")

@@ -16,13 +16,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .balance import BALANCERS, apply_scales
-from .errors import ConfigError
-from .losses import LOSSES, LossSpec, Terms
-from .params import NLL_WEIGHT, Param, suggest
-from .presets import PRESETS
-from .seq import PairSeq
-from .types import ObjectiveOutput, PairLogps
+from poise.balance import BALANCERS, apply_scales
+from poise.errors import ConfigError
+from poise.losses import LOSSES, LossSpec, Terms
+from poise.params import NLL_WEIGHT, Param, suggest
+from poise.presets import PRESETS
+from poise.seq import PairSeq
+from poise.types import ObjectiveOutput, PairLogps
 
 
 def _lookup_loss(name: str) -> LossSpec:

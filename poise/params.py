@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConfigError
+from poise.errors import ConfigError
 
 _NUM = (int, float)
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .ops import masked_sum, upcast
-from .types import PairLogps
+from poise.ops import masked_sum, upcast
+from poise.types import PairLogps
 
 
 def _ref_sum(ref: Tensor, mask: Tensor) -> Tensor:

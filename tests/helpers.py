@@ -6,10 +6,12 @@ touched), so the helpers work the same under pytest-xdist and Hypothesis.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import replace
 
 import torch
+import yaml
 from torch import Tensor
 
 from poise import PairLogps
@@ -179,8 +181,8 @@ def loss_and_grads(objective, batch: PairLogps, **kw):
 def word_model(tok):
     """A tiny random model that mostly says testbed words (their output rows scaled up), so that its
     samples hold words the testbed's gold reward can tell apart."""
+    from poise.model.tiny import build_tiny_model
     from poise.testbed.task import NUMBERS, WORDS
-    from poise.tiny import build_tiny_model
 
     model = build_tiny_model(tok, seed=0)
     vocab = tok.get_vocab()
@@ -190,3 +192,21 @@ def word_model(tok):
         scale[keep] = 50.0
         model.lm_head.weight.mul_(scale[:, None])
     return model
+
+
+def make_run(root, name, config=None, metrics=None, eval=None, raw_lines=()):
+    """A run folder under ``root`` with the given config.yaml, metrics.jsonl rows and eval.json."""
+    d = root / name
+    d.mkdir(parents=True)
+    if config is not None:
+        (d / "config.yaml").write_text(yaml.safe_dump(config))
+    if metrics is not None or raw_lines:
+        lines = [json.dumps(r) for r in metrics or []] + list(raw_lines)
+        (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    if eval is not None:
+        (d / "eval.json").write_text(json.dumps(eval))
+    return d
+
+
+def curve(key, values, start=1):
+    return [{"step": start + i, "epoch": 0.1 * i, "loss": 0.69, key: v} for i, v in enumerate(values)]

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from poise.cli import main
-from poise.tiny import build_tiny_model, build_tiny_tokenizer
+from poise.model.tiny import build_tiny_model, build_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

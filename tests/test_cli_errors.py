@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from poise.tiny import build_tiny_model, build_tiny_tokenizer
+from poise.model.tiny import build_tiny_model, build_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

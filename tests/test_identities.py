@@ -1,5 +1,5 @@
 """The identities of spec section 8, one test each (6 and 7 run over the whole table in
-tests/test_conformance.py and tests/test_properties.py)."""
+tests/test_objective.py and tests/test_properties.py)."""
 
 import math
 

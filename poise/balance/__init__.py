@@ -1,9 +1,9 @@
 """Gradient balancers of spec sections 5-7, composable with every base loss."""
 
-from .ada import Ada
-from .balanced import Balanced
-from .base import Balancer, Scale, apply_scales
-from .gate import Gate
+from poise.balance.ada import Ada
+from poise.balance.balanced import Balanced
+from poise.balance.base import Balancer, Scale, apply_scales
+from poise.balance.gate import Gate
 
 #: Every balancer by name.
 BALANCERS: dict[str, type[Balancer]] = {b.name: b for b in (Ada, Gate, Balanced)}

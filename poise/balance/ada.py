@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..ops import LOG_COEF_LIMIT, bounded_exp
-from ..params import Param
-from ..seq import PairSeq
-from .base import Balancer, Scale
+from poise.balance.base import Balancer, Scale
+from poise.ops import LOG_COEF_LIMIT, bounded_exp
+from poise.params import Param
+from poise.seq import PairSeq
 
 ADA_PARAMS = (
     Param("ada_form", "token", "'token': Dbar from mean token log-probs (stable, the paper's practical "

@@ -19,10 +19,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..ops import log1mexp, masked_sum, upcast
-from ..params import Param
-from ..seq import PairSeq
-from .base import Balancer, Scale
+from poise.balance.base import Balancer, Scale
+from poise.ops import log1mexp, masked_sum, upcast
+from poise.params import Param
+from poise.seq import PairSeq
 
 BALANCED_PARAMS = (
     Param("balanced_variant", "norm", "'norm': equalise the logit-space gradient norms of the chosen and "

@@ -17,11 +17,11 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
-from ..errors import ConfigError
-from ..losses.base import LossSpec
-from ..ops import scale_gradient
-from ..params import Param
-from ..seq import PairSeq
+from poise.errors import ConfigError
+from poise.losses.base import LossSpec
+from poise.ops import scale_gradient
+from poise.params import Param
+from poise.seq import PairSeq
 
 
 @dataclass

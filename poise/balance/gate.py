@@ -25,10 +25,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..ops import masked_quantile, upcast
-from ..params import Param
-from ..seq import PairSeq
-from .base import Balancer, Scale
+from poise.balance.base import Balancer, Scale
+from poise.ops import masked_quantile, upcast
+from poise.params import Param
+from poise.seq import PairSeq
 
 #: tau is held above this so that a = 4/tau stays finite in float32 (numerical guard).
 TAU_MIN = 1e-30

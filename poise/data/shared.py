@@ -7,11 +7,11 @@ rejected, so every prompt token goes through the model twice. Here pair ``i`` is
     segment     0  0  0 |  1  1  1  1 |  2  2 |  -1  -1
     position    0  1  2 |  3  4  5  6 |  3  4 |   0   0
 
-and the attention mask (built by :func:`poise.shared_prefix.attention_mask_4d` from ``segments``) lets a
+and the attention mask (built by :func:`poise.model.shared_prefix.attention_mask_4d` from ``segments``) lets a
 token see the earlier tokens of the prompt and of its own segment only: the rejected tokens never see
 the chosen ones, and their position ids restart where the prompt ends. Each completion token is then
 computed exactly as in its own row ``prompt + completion``: the log-probs agree with the usual layout up
-to float rounding (a test and :func:`poise.shared_prefix.verify_shared_prefix` hold them to that).
+to float rounding (a test and :func:`poise.model.shared_prefix.verify_shared_prefix` hold them to that).
 
 The first chosen and the first rejected token are both predicted by the last prompt position, so the
 predicting position of a token is not simply ``t - 1``: ``pred_index`` lists it for every scored token.

@@ -62,11 +62,11 @@ import trl
 from accelerate.utils import is_peft_model
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..errors import ConfigError
-from ..losses import LOSSES
-from ..objective import Objective, objective
-from ..presets import PRESETS
-from ..types import ObjectiveOutput, PairLogps
+from poise.errors import ConfigError
+from poise.losses import LOSSES
+from poise.objective import Objective, objective
+from poise.presets import PRESETS
+from poise.types import ObjectiveOutput, PairLogps
 
 try:
     from trl.trainer.utils import add_fused_lm_head

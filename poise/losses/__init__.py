@@ -1,8 +1,8 @@
 """The base losses of spec section 3, one table."""
 
-from .base import TERM_KINDS, LossSpec, Terms
-from .reference import REFERENCE_LOSSES
-from .reference_free import REFERENCE_FREE_LOSSES
+from poise.losses.base import TERM_KINDS, LossSpec, Terms
+from poise.losses.reference import REFERENCE_LOSSES
+from poise.losses.reference_free import REFERENCE_FREE_LOSSES
 
 #: Every base loss by name. The trainer and the objective look losses up here; nothing branches on
 #: a loss name.

@@ -14,9 +14,9 @@ from typing import Any
 
 from torch import Tensor
 
-from ..ops import log1mexp
-from ..params import Param
-from ..seq import PairSeq
+from poise.ops import log1mexp
+from poise.params import Param
+from poise.seq import PairSeq
 
 
 @dataclass

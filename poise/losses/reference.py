@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..params import Param, beta_param
-from .base import LossSpec, Terms
+from poise.losses.base import LossSpec, Terms
+from poise.params import Param, beta_param
 
 _SMOOTHING = Param(
     "label_smoothing", 0.1,

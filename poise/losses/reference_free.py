@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops import log1mexp
-from ..params import Param, beta_param
-from ..seq import PairSeq
-from .base import LossSpec, Terms
+from poise.losses.base import LossSpec, Terms
+from poise.ops import log1mexp
+from poise.params import Param, beta_param
+from poise.seq import PairSeq
 
 
 def simpo(t: Terms, *, beta: float, gamma_beta_ratio: float) -> Tensor:

@@ -134,7 +134,7 @@ def sample_replies(model: Any, tokenizer: Any, texts: Sequence[str], *, samples:
                    max_new_tokens: int, seed: int = 0, batch_size: int = 32) -> list[list[str]]:
     """``samples`` replies per prompt string, drawn at ``temperature`` (seeded), decoded without special
     tokens and stripped of surrounding whitespace."""
-    from poise.evaluate import generate_ids
+    from poise.eval.run import generate_ids
 
     ids = [prompt_ids(tokenizer, t) for t in texts for _ in range(samples)]
     out = generate_ids(model, tokenizer, ids, max_new_tokens=max_new_tokens, sample=True, seed=seed,

@@ -160,14 +160,14 @@ def vocabulary_corpus() -> list[str]:
 
 def build_testbed_tokenizer() -> PreTrainedTokenizerFast:
     """The tiny BPE tokenizer trained on :func:`vocabulary_corpus` (each word one token)."""
-    from poise.tiny import build_tiny_tokenizer
+    from poise.model.tiny import build_tiny_tokenizer
 
     return build_tiny_tokenizer(vocabulary_corpus(), vocab_size=TOKENIZER_VOCAB_SIZE)
 
 
 def build_testbed_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, **size: int) -> LlamaForCausalLM:
     """A randomly initialised tiny Llama for the testbed (sizes :data:`MODEL_SIZE`, overridable)."""
-    from poise.tiny import build_tiny_model
+    from poise.model.tiny import build_tiny_model
 
     return build_tiny_model(tokenizer, seed=seed, **{**MODEL_SIZE, **size})
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from poise.tiny import build_tiny_tokenizer
+from poise.model.tiny import build_tiny_tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -140,7 +140,7 @@ def test_chat_template_rendering(tok):
 
 
 def test_conversational_data_needs_a_chat_template():
-    from poise.tiny import build_tiny_tokenizer
+    from poise.model.tiny import build_tiny_tokenizer
 
     plain = build_tiny_tokenizer(chat_template=False)
     row = {"prompt": [user("Hi")], "chosen": [bot("a")], "rejected": [bot("b")]}

@@ -2,7 +2,7 @@
 
 The wiring is checked against two independent computations: TRL's own sigmoid loss (plain DPO must
 give TRL's number on the same batch) and poise's own log-prob engine (AdaDPO's and Balanced-DPO's
-parameter gradients must be those of ``poise.logprobs.token_logps`` + the objective). The same JSONL
+parameter gradients must be those of ``poise.model.logprobs.token_logps`` + the objective). The same JSONL
 files train in TRL and in ``poise train`` and tokenize to the same pairs.
 """
 
@@ -24,8 +24,8 @@ from poise.api import train as poise_train  # noqa: E402
 from poise.data import load_rows, tokenize_rows  # noqa: E402
 from poise.errors import ConfigError  # noqa: E402
 from poise.integrations.trl import STATE_FILE, DPOConfig, DPOTrainer  # noqa: E402
-from poise.logprobs import pair_logps, sequence_logps, token_logps  # noqa: E402
-from poise.tiny import build_tiny_model, build_tiny_tokenizer  # noqa: E402
+from poise.model.logprobs import pair_logps, sequence_logps, token_logps  # noqa: E402
+from poise.model.tiny import build_tiny_model, build_tiny_tokenizer  # noqa: E402
 
 WORDS = "the cat sat on a mat and dog ran to big red box when it was warm".split()
 

@@ -4,10 +4,10 @@ on free-form replies (values worked by hand), scores, pair selection and self-sa
 import pytest
 from helpers import word_model
 
+from poise.model.tiny import build_tiny_tokenizer
 from poise.testbed import instruct as I
 from poise.testbed.pairs import best_and_worst
 from poise.testbed.task import make_prompts
-from poise.tiny import build_tiny_tokenizer
 
 REVERSE = "Reverse the order of these words: cat owl yak. Reply with the words only."  # gold "yak owl cat"
 COUNT = "How many words are in this list: bee dog dog? Reply with a number only."  # gold "three"

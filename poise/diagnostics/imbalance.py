@@ -1,0 +1,120 @@
+"""Diagnostics of the imbalance, logged during any training run.
+
+Every step (cheap, from the per-token statistics of the log-prob pass; spec section 2):
+    diag/logit_grad_norm_chosen, _rejected   ||dL/dlogits|| of each branch: at token t the logit
+        gradient is dL/dl_t * (e_y - p_t), whose squared norm is (dL/dl_t)^2 (1 - 2 p_t + sum_j p_j^2)
+    diag/logit_grad_ratio                    rejected over chosen (DPO's imbalance: > 1)
+    diag/sigma_neg_u_mean, diag/sigma_saturated_frac
+        the per-pair weight sigma(-u), u = r_w - r_l the implicit reward margin, and the fraction of
+        pairs with sigma(-u) < 0.05 (no longer learning)
+    diag/chosen_below_ref_frac, diag/rejected_below_ref_frac
+        likelihood displacement: pairs whose log-prob is below the reference's
+
+Every ``diagnostics_steps`` steps, on a fixed probe batch (no effect on training):
+    diag/param_grad_norm_chosen, _rejected, diag/param_grad_ratio, diag/param_grad_cosine
+        the gradient of the loss w.r.t. the trainable parameters through the chosen and through the
+        rejected log-probs only, their norm ratio and cosine
+    probe/chosen_logp, probe/rejected_logp   mean sequence log-prob of the probe pairs
+    probe/others_logp                        responses unrelated to their prompts (squeezing): each
+        probe prompt with another probe pair's chosen response, or the rows of ``probe_file``
+    probe/greedy_logp                        mean log max_j p_j along the probe chosen responses (the
+        teacher-forced greedy token's log-prob)
+    probe/max_token_prob, probe/entropy      mean over the probe chosen tokens
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from poise.data import TokenizedPair, collate_pairs, collate_sequences
+from poise.model.logprobs import pair_logps, token_logps
+from poise.ops import masked_sum, upcast
+from poise.seq import PairSeq
+from poise.types import PairLogps
+
+SATURATED = 0.05
+
+
+def _branch_norm(dl: Tensor, lp: Tensor, mask: Tensor, sum_p2: Tensor) -> Tensor:
+    """(B,) logit-space gradient norm of one branch from dL/dl_t and the token statistics."""
+    p = torch.exp(upcast(lp).detach())
+    sq = (1 - 2 * p + upcast(sum_p2).to(p.dtype)).clamp(min=0) * dl.to(p.dtype) ** 2
+    return masked_sum(sq, mask).sqrt()
+
+
+def step_metrics(pl: PairLogps, loss: Tensor, objective) -> dict[str, Tensor]:
+    """Logit-space gradient norms, sigma(-u) and displacement for one micro-batch (no parameter work:
+    the gradient is taken w.r.t. the per-token log-probs only)."""
+    out: dict[str, Tensor] = {}
+    if pl.chosen_stats and "sum_p2" in pl.chosen_stats and pl.chosen.requires_grad:
+        dw, dl = torch.autograd.grad(loss, (pl.chosen, pl.rejected), retain_graph=True, allow_unused=True)
+        dw = torch.zeros_like(pl.chosen) if dw is None else dw
+        dl = torch.zeros_like(pl.rejected) if dl is None else dl
+        nw = _branch_norm(dw, pl.chosen, pl.chosen_mask, pl.chosen_stats["sum_p2"])
+        nl = _branch_norm(dl, pl.rejected, pl.rejected_mask, pl.rejected_stats["sum_p2"])
+        out["diag/logit_grad_norm_chosen"] = nw.mean()
+        out["diag/logit_grad_norm_rejected"] = nl.mean()
+        out["diag/logit_grad_ratio"] = (nl.sum() / nw.sum().clamp(min=1e-30))
+    with torch.no_grad():
+        seq = PairSeq.build(pl, read_reference=objective.needs_reference)
+        r_w, r_l = objective.loss_spec.rewards(seq, objective.loss_hp)
+        w = torch.sigmoid(-(r_w - r_l))
+        out["diag/sigma_neg_u_mean"] = w.mean()
+        out["diag/sigma_saturated_frac"] = (w < SATURATED).to(w.dtype).mean()
+        if seq.h_w is not None:
+            out["diag/chosen_below_ref_frac"] = (seq.h_w < 0).to(w.dtype).mean()
+            out["diag/rejected_below_ref_frac"] = (seq.h_l < 0).to(w.dtype).mean()
+    return {k: v.detach() for k, v in out.items()}
+
+
+class Probe:
+    """A fixed probe batch and the squeezing probes, measured every few steps."""
+
+    def __init__(self, pairs: Sequence[TokenizedPair], pad_token_id: int, *, chunk_size: int,
+                 others: Sequence[tuple[tuple[int, ...], tuple[int, ...]]] | None = None):
+        self.pairs = list(pairs)
+        self.pad = pad_token_id
+        self.chunk_size = chunk_size
+        if others is None:  # each prompt with another pair's chosen response: unrelated to the prompt
+            n = len(self.pairs)
+            others = [(p.prompt_ids, self.pairs[(i + 1) % n].chosen_ids) for i, p in enumerate(self.pairs)]
+        self.others = list(others)
+
+    @torch.no_grad()
+    def logps(self, model, device) -> dict[str, float]:
+        b = collate_pairs(self.pairs, self.pad).to(device)
+        out = token_logps(model, b.input_ids, b.attention_mask, b.completion_mask,
+                          stats=("entropy", "max_p"), chunk_size=self.chunk_size)
+        n = len(self.pairs)
+        sums = out.logps.sum(-1)
+        cm = out.mask[:n]
+        res = {"probe/chosen_logp": sums[:n].mean().item(), "probe/rejected_logp": sums[n:].mean().item(),
+               "probe/max_token_prob": out.stats["max_p"][:n][cm].mean().item(),
+               "probe/entropy": out.stats["entropy"][:n][cm].mean().item(),
+               "probe/greedy_logp": out.stats["max_p"][:n][cm].clamp(min=1e-30).log().mean().item()}
+        if self.others:
+            o = collate_sequences(self.others, self.pad).to(device)
+            ol = token_logps(model, o.input_ids, o.attention_mask, o.completion_mask, chunk_size=self.chunk_size)
+            res["probe/others_logp"] = ol.logps.sum(-1).mean().item()
+        return res
+
+    def param_grads(self, model, objective, trainable: list, device, ref_sums: Tensor | None) -> dict[str, float]:
+        """Norms and cosine of the chosen-branch and rejected-branch parameter gradients."""
+        b = collate_pairs(self.pairs, self.pad).to(device)
+        pol = token_logps(model, b.input_ids, b.attention_mask, b.completion_mask,
+                          stats=tuple(objective.needs_stats), chunk_size=self.chunk_size)
+        ref = None if ref_sums is None else (ref_sums[:, 0].to(device), ref_sums[:, 1].to(device))
+        pl = pair_logps(pol, ref_sums=ref)
+        loss = objective(pl).loss
+        dw, dl = torch.autograd.grad(loss, (pl.chosen, pl.rejected), retain_graph=True)
+        gw = torch.autograd.grad(pl.chosen, trainable, grad_outputs=dw, retain_graph=True, allow_unused=True)
+        gl = torch.autograd.grad(pl.rejected, trainable, grad_outputs=dl, allow_unused=True)
+        vw = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float() for g, p in zip(gw, trainable)])
+        vl = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float() for g, p in zip(gl, trainable)])
+        nw, nl = vw.norm(), vl.norm()
+        return {"diag/param_grad_norm_chosen": nw.item(), "diag/param_grad_norm_rejected": nl.item(),
+                "diag/param_grad_ratio": (nl / nw.clamp(min=1e-30)).item(),
+                "diag/param_grad_cosine": (vw @ vl / (nw * nl).clamp(min=1e-30)).item()}

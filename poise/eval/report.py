@@ -1,0 +1,399 @@
+"""Compare finished runs: a Markdown report from their run folders (``poise report RUN_DIRS...``).
+
+A run folder holds ``metrics.jsonl`` (one row per logged step), ``config.yaml`` (the resolved config)
+and, when the run was evaluated, ``eval.json`` (gold reward, win rates, length, KL, grid cell). Any of
+them may be missing or incomplete: a missing key or a NaN is shown as "-" and left out of means.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from poise.errors import PoiseError
+
+#: The source of each log-prob curve, best first: the fixed probe set, else the training batches.
+CHOSEN_KEYS = ("probe/chosen_logp", "logps/chosen")
+REJECTED_KEYS = ("probe/rejected_logp", "logps/rejected")
+OTHERS_KEYS = ("probe/others_logp",)
+RATIO_KEY = "diag/logit_grad_ratio"
+
+#: Config keys that never tell two runs apart in a label.
+_NOT_LABEL_KEYS = {"output_dir", "resume", "cache_dir", "report_to", "train_file", "eval_file", "logging_steps",
+                   "save_steps", "save_total_limit", "eval_steps", "cpu", "model", "tokenizer"}
+
+
+@dataclass
+class Run:
+    """One run folder, read. ``label`` is unique among the runs of a report; ``name`` is the label
+    before :func:`load_runs` told alike runs apart (the eval.json label, or method and hyperparameters)."""
+
+    path: Path
+    label: str
+    name: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    eval: dict[str, Any] = field(default_factory=dict)
+    _series: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def method(self) -> str:
+        return str(self.eval.get("method") or self.config.get("method") or self.path.name)
+
+    @property
+    def cell(self) -> str | None:
+        c = self.eval.get("cell")
+        return None if c is None else str(c)
+
+    def score(self, key: str) -> float | None:
+        """A finite number of eval.json, else None."""
+        return finite(self.eval.get(key))
+
+    def series(self, key: str) -> tuple[list[float], list[float]]:
+        """(steps, values) of a metric over the rows that hold a finite value of it (do not modify)."""
+        if key not in self._series:
+            pairs = [(finite(row.get("step")), finite(row.get(key)), i) for i, row in enumerate(self.metrics)]
+            pairs = [(float(i) if s is None else s, v) for s, v, i in pairs if v is not None]
+            self._series[key] = ([s for s, _ in pairs], [v for _, v in pairs])
+        return self._series[key]
+
+    def first_key(self, keys: Iterable[str]) -> str | None:
+        """The first of ``keys`` that has at least one finite value in this run."""
+        return next((k for k in keys if self.series(k)[1]), None)
+
+    def change(self, keys: Iterable[str]) -> float | None:
+        """Last minus first value of the first key in ``keys`` that the run logged."""
+        key = self.first_key(keys)
+        return None if key is None else self.series(key)[1][-1] - self.series(key)[1][0]
+
+    def mean(self, key: str) -> float | None:
+        values = self.series(key)[1]
+        return sum(values) / len(values) if values else None
+
+    def last(self, key: str) -> float | None:
+        values = self.series(key)[1]
+        return values[-1] if values else None
+
+
+def finite(v: Any) -> float | None:
+    """``v`` as a finite float, else None (missing, NaN, infinite, not a number)."""
+    if isinstance(v, bool) or v is None:
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+# -- loading ------------------------------------------------------------------------------------------
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash, or an empty line
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _read_mapping(path: Path, loader) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        data = loader(path.read_text())
+    except (ValueError, yaml.YAMLError) as e:
+        raise PoiseError(f"{path}: cannot be read ({e}); fix or delete the file.") from e
+    return data if isinstance(data, dict) else {}
+
+
+def _hyper_label(config: dict[str, Any]) -> str | None:
+    """The method plus its hyperparameters (the config keys that are not trainer settings)."""
+    from poise.training.config import TRAINER_FIELDS
+
+    method = config.get("method")
+    if not method:
+        return None
+    balance = config.get("balance") or []
+    name = str(method) + "".join(f"+{b}" for b in balance)
+    hp = {k: v for k, v in config.items() if k not in TRAINER_FIELDS}
+    return name + (f" ({_kv(hp)})" if hp else "")
+
+
+def _kv(d: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(d.items()))
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Read a run folder. Raises PoiseError when it holds none of the three files."""
+    path = Path(run_dir)
+    files = [path / n for n in ("metrics.jsonl", "config.yaml", "eval.json")]
+    if not path.is_dir() or not any(f.exists() for f in files):
+        raise PoiseError(f"{path}: not a run folder (no metrics.jsonl, config.yaml or eval.json in it); "
+                         "pass the output_dir of a training run.")
+    config = _read_mapping(files[1], yaml.safe_load)
+    ev = _read_mapping(files[2], json.loads)
+    label = ev.get("label") or _hyper_label(config) or path.name
+    return Run(path=path, label=str(label), name=str(label), config=config, metrics=_read_metrics(files[0]),
+               eval=ev)
+
+
+def load_runs(run_dirs: Sequence[str | Path]) -> list[Run]:
+    """Read several run folders and make their labels unique.
+
+    Runs whose labels collide get their grid cell added when they have one, else the config keys in
+    which they differ; any still alike get their folder name.
+    """
+    runs = [load_run(d) for d in run_dirs]
+    for group in _collisions(runs):
+        if len({r.cell for r in group}) > 1:
+            for r in group:
+                r.label += f" [{r.cell}]" if r.cell is not None else ""
+            continue
+        keys = _differing_keys([r.config for r in group])
+        for r in group:
+            r.label += f" [{_kv({k: r.config.get(k) for k in keys})}]" if keys else ""
+    for group in _collisions(runs):
+        for r in group:
+            r.label = f"{r.label} <{r.path.name}>"
+    return runs
+
+
+def _collisions(runs: list[Run]) -> list[list[Run]]:
+    by_label: dict[str, list[Run]] = defaultdict(list)
+    for r in runs:
+        by_label[r.label].append(r)
+    return [g for g in by_label.values() if len(g) > 1]
+
+
+def _differing_keys(configs: list[dict[str, Any]]) -> list[str]:
+    keys = sorted({k for c in configs for k in c} - _NOT_LABEL_KEYS)
+    return [k for k in keys if len({json.dumps(c.get(k), sort_keys=True, default=str) for c in configs}) > 1]
+
+
+# -- tables -------------------------------------------------------------------------------------------
+
+
+def fmt(v: float | None, signed: bool = False) -> str:
+    """A number for a table: 3 decimals below 10, fewer above; "-" when missing."""
+    if v is None:
+        return "-"
+    digits = 3 if abs(v) < 10 else 1 if abs(v) < 100 else 0
+    return f"{v:+.{min(digits, 2)}f}" if signed else f"{v:.{digits}f}"
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+COMPARISON_COLUMNS = ["run", "gold reward", "win rate", "LC win rate", "mean length", "reward acc.",
+                      "KL to ref", "Δ chosen logp (nats)", "Δ rejected logp (nats)",
+                      "Δ others logp (nats)", "mean grad ratio (rej/chosen)"]
+
+
+def comparison_row(run: Run) -> dict[str, float | None]:
+    """The numbers of one run's comparison-table row (None where the run lacks them)."""
+    return {
+        "gold reward": run.score("gold_reward"), "win rate": run.score("win_rate"),
+        "LC win rate": run.score("lc_win_rate"), "mean length": run.score("mean_length"),
+        "reward acc.": run.score("reward_accuracy"), "KL to ref": run.score("kl_to_reference"),
+        "Δ chosen logp (nats)": run.change(CHOSEN_KEYS), "Δ rejected logp (nats)": run.change(REJECTED_KEYS),
+        "Δ others logp (nats)": run.change(OTHERS_KEYS), "mean grad ratio (rej/chosen)": run.mean(RATIO_KEY),
+    }
+
+
+def comparison_table(runs: Sequence[Run]) -> str:
+    """One Markdown row per run: eval scores, log-prob changes (last minus first) and the gradient ratio."""
+    rows = []
+    for run in runs:
+        nums = comparison_row(run)
+        rows.append([run.label] + [fmt(nums[c], signed=c.startswith("Δ")) for c in COMPARISON_COLUMNS[1:]])
+    return _markdown(COMPARISON_COLUMNS, rows)
+
+
+GRID_METRICS = (("gold_reward", "gold reward"), ("lc_win_rate", "LC win rate"))
+
+
+def _entrants(runs: Sequence[Run]) -> dict[str, dict[str, Run]]:
+    """cell -> entrant -> run. The entrant is the method, or the run's name for a method with several
+    runs in one cell."""
+    seen: dict[tuple[str, str], int] = defaultdict(int)
+    for r in runs:
+        if r.cell is not None:
+            seen[(r.cell, r.method)] += 1
+    split = {m for (_, m), n in seen.items() if n > 1}
+    cells: dict[str, dict[str, Run]] = defaultdict(dict)
+    for r in runs:
+        if r.cell is not None:
+            cells[r.cell][r.name or r.label if r.method in split else r.method] = r
+    return dict(sorted(cells.items()))
+
+
+def _winners(entrants: dict[str, Run], key: str) -> tuple[list[str], float | None]:
+    scores = {n: r.score(key) for n, r in entrants.items() if r.score(key) is not None}
+    if not scores:
+        return [], None
+    best = max(scores.values())
+    return sorted(n for n, v in scores.items() if v == best), best
+
+
+def beats_counts(runs: Sequence[Run], baseline: str = "dpo") -> dict[tuple[str, str], tuple[int, int]]:
+    """(entrant, eval key) -> (cells where it strictly beats ``baseline``, cells where both have a score)."""
+    counts: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+    for entrants in _entrants(runs).values():
+        base = entrants.get(baseline)
+        for name, run in entrants.items():
+            if name == baseline or base is None:
+                continue
+            for key, _ in GRID_METRICS:
+                a, b = run.score(key), base.score(key)
+                if a is not None and b is not None:
+                    counts[(name, key)][0] += a > b
+                    counts[(name, key)][1] += 1
+    return {k: (v[0], v[1]) for k, v in sorted(counts.items())}
+
+
+def beats_sentences(runs: Sequence[Run], baseline: str = "dpo") -> list[str]:
+    """Lines like "adadpo beats dpo on LC win rate in 13 of 16 cells"."""
+    titles = dict(GRID_METRICS)
+    out = []
+    for (name, key), (k, n) in beats_counts(runs, baseline).items():
+        out.append(f"{name} beats {baseline} on {titles[key]} in {k} of {n} cell{'s' if n != 1 else ''}")
+    return out
+
+
+def grid_table(runs: Sequence[Run], baseline: str = "dpo") -> str:
+    """Per grid cell, the winning method on gold reward and on LC win rate; then how often each method
+    beats ``baseline``. Runs without a ``cell`` in eval.json are left out."""
+    cells = _entrants(runs)
+    if not cells:
+        return "No run has a grid cell (`cell` in eval.json); no grid comparison."
+    rows = []
+    for cell, entrants in cells.items():
+        row = [cell, ", ".join(sorted(entrants))]
+        for key, _ in GRID_METRICS:
+            names, best = _winners(entrants, key)
+            row.append(f"{' = '.join(names)} ({fmt(best)})" if names else "-")
+        rows.append(row)
+    header = ["cell", "methods"] + [f"best {t}" for _, t in GRID_METRICS]
+    text = _markdown(header, rows)
+    lines = beats_sentences(runs, baseline)
+    if not lines and not any(baseline in e for e in cells.values()):
+        lines = [f"no {baseline} run in any cell; nothing to compare with"]
+    return text + "\n\n" + "\n".join(f"- {line}" for line in lines)
+
+
+# -- what the numbers say -----------------------------------------------------------------------------
+
+
+def _nats(x: float) -> str:
+    x = abs(x)
+    return f"{x:.1f}" if x >= 0.05 else f"{x:.2g}"
+
+
+def _moves(runs: Sequence[Run], keys: Sequence[str], what: str) -> str | None:
+    """"dpo's chosen log-prob fell by 3.2 nats; gate-dpo's rose by 0.4"."""
+    parts = []
+    for run in runs:
+        c = run.change(keys)
+        if c is None:
+            continue
+        verb = "stayed flat" if abs(c) < 0.005 else f"{'rose' if c > 0 else 'fell'} by {_nats(c)}"
+        if not parts:
+            parts.append(f"{run.label}'s {what} {verb}{'' if abs(c) < 0.005 else ' nats'}")
+        else:
+            parts.append(f"{run.label}'s {verb}")
+    return "; ".join(parts) + " (last minus first logged value)." if parts else None
+
+
+def _extremes(runs: Sequence[Run], key: str, what: str, high: str, low: str) -> str | None:
+    scored = [(r.score(key), r.label) for r in runs if r.score(key) is not None]
+    if len(scored) < 2:
+        return None
+    (lo, lo_name), (hi, hi_name) = min(scored), max(scored)
+    if hi == lo:
+        return f"All {len(scored)} evaluated runs have the same {what} ({fmt(hi)})."
+    return f"{hi_name} has the {high} {what} ({fmt(hi)}); {lo_name} the {low} ({fmt(lo)})."
+
+
+def _ratio_sentence(runs: Sequence[Run]) -> str | None:
+    parts = [f"{r.mean(RATIO_KEY):.2g} in {r.label}" for r in runs if r.mean(RATIO_KEY) is not None]
+    if not parts:
+        return None
+    return ("Mean logit-gradient norm ratio, rejected over chosen (above 1: the push on the rejected "
+            "side dominates): " + ", ".join(parts) + ".")
+
+
+def _below_ref_sentence(runs: Sequence[Run]) -> str | None:
+    key = "diag/chosen_below_ref_frac"
+    parts = [f"{100 * r.last(key):.0f}% of {r.label}'s" for r in runs if r.last(key) is not None]
+    if not parts:
+        return None
+    return "At the last logged step, " + ", ".join(parts) + " chosen responses were below the reference."
+
+
+def _tally(runs: Sequence[Run]) -> list[str]:
+    """"On gold reward adadpo wins 10 of 16 cells, dpo 6"."""
+    out = []
+    for key, title in GRID_METRICS:
+        winners = [_winners(entrants, key)[0] for entrants in _entrants(runs).values()]
+        scored = sum(bool(w) for w in winners)
+        if scored:
+            ranked = sorted(Counter(n for w in winners for n in w).items(), key=lambda kv: (-kv[1], kv[0]))
+            out.append(f"On {title}, {ranked[0][0]} wins {ranked[0][1]} of {scored} cells"
+                       + "".join(f", {n} {k}" for n, k in ranked[1:]) + " (ties count for each).")
+    return out
+
+
+def summary_sentences(runs: Sequence[Run]) -> list[str]:
+    """Plain sentences read off the numbers, for the report's "what the numbers say" list."""
+    sentences = [
+        _moves(runs, CHOSEN_KEYS, "chosen log-prob"),
+        _moves(runs, REJECTED_KEYS, "rejected log-prob"),
+        _moves(runs, OTHERS_KEYS, "log-prob of unrelated responses (squeezing)"),
+        _ratio_sentence(runs),
+        _below_ref_sentence(runs),
+        _extremes(runs, "gold_reward", "gold reward", "highest", "lowest"),
+        _extremes(runs, "lc_win_rate", "LC win rate", "highest", "lowest"),
+        _extremes(runs, "kl_to_reference", "KL to the reference", "largest", "smallest"),
+        _extremes(runs, "mean_length", "mean length", "longest", "shortest"),
+    ]
+    out = [s for s in sentences if s] + _tally(runs)  # the grid section has the "beats" counts
+    return out or ["No numbers to compare: the runs logged no log-probs and have no eval.json."]
+
+
+def build_report(runs: Sequence[Run], baseline: str = "dpo") -> str:
+    """The Markdown report: the runs, the comparison table, the grid table, and the sentences."""
+    lines = ["# poise report", "", f"{len(runs)} run{'s' if len(runs) != 1 else ''}:", ""]
+    lines += [f"- **{r.label}**: `{r.path}`" for r in runs]
+    lines += ["", "## Comparison", "", comparison_table(runs), "",
+              "Δ columns: last minus first logged value (probe set when logged, else training batches); "
+              "grad ratio: mean of diag/logit_grad_ratio, rejected over chosen.", ""]
+    if any(r.cell is not None for r in runs):
+        lines += ["## Grid", "", grid_table(runs, baseline), ""]
+    lines += ["## What the numbers say", ""] + [f"- {s}" for s in summary_sentences(runs)]
+    return "\n".join(lines) + "\n"
+
+
+def report_main(run_dirs: list[str], out: str | None, baseline: str = "dpo") -> str:
+    """Read the run folders, write the Markdown report to ``out`` when given, and return it."""
+    if not run_dirs:
+        raise PoiseError("poise report: give at least one run folder.")
+    text = build_report(load_runs(run_dirs), baseline)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
+    return text

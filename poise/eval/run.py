@@ -1,0 +1,187 @@
+"""``poise eval RUN``: evaluate a trained run folder.
+
+- Held-out preference metrics on ``eval_file`` (reward accuracy, margins, every metric of the run's
+  objective), with the reference's log-probs computed live.
+- Generations of the policy and of the reference on the held-out prompts, written to
+  ``generations.jsonl`` in the AlpacaEval format (``instruction``, ``output``, ``generator``), so that
+  external judges can score real models.
+- KL(policy || reference), estimated on responses sampled from the policy:
+  mean over prompts of log pi(y|x) - log pi_ref(y|x).
+- With a gold reward (``--gold testbed``, the built-in task of poise.testbed, or ``--gold instruct``, the
+  same task asked in plain English of an instruct model, poise.testbed.instruct): the gold reward of the
+  policy's responses, its win rate against the reference's responses, a length-controlled win rate and
+  the mean length.
+
+Everything lands in ``eval.json`` in the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from poise.data import TokenizedPair, collate_sequences, load_rows, tokenize_rows
+from poise.errors import ConfigError
+from poise.model.load import load_model, load_tokenizer
+from poise.model.logprobs import sequence_logps
+from poise.training.config import load_config
+from poise.training.runlog import MetricAccumulator
+from poise.training.tasks import PolicyLogps, PreferenceTask
+
+log = logging.getLogger("poise")
+
+
+@torch.no_grad()
+def generate_ids(model, tokenizer, prompts: Sequence[tuple[int, ...]], *, max_new_tokens: int,
+                 sample: bool, seed: int, batch_size: int = 16, temperature: float = 1.0) -> list[list[int]]:
+    """Completions (token ids, EOS removed) for each prompt; left-padded batches, deterministic for
+    a seed. ``sample``: draw at ``temperature`` from the full distribution (no top-k or top-p), else
+    greedy."""
+    out: list[list[int]] = []
+    pad = tokenizer.pad_token_id
+    gen = torch.Generator().manual_seed(seed)
+    model.eval()
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, p in enumerate(chunk):
+            ids[r, width - len(p):] = torch.tensor(p)
+            mask[r, width - len(p):] = 1
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        dev = next(model.parameters()).device
+        res = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
+                             do_sample=sample, temperature=temperature if sample else None, top_p=None, top_k=None,
+                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        for row in res[:, width:].tolist():
+            out.append(_until_eos(row, tokenizer.eos_token_id, pad))
+    return out
+
+
+def _until_eos(row: list[int], eos: int | None, pad: int | None) -> list[int]:
+    for j, t in enumerate(row):
+        if t == eos:
+            return row[:j]
+    return [t for t in row if t != pad]
+
+
+@torch.no_grad()
+def completion_logps(model, prompts: Sequence[tuple[int, ...]], completions: Sequence[Sequence[int]],
+                     pad_token_id: int, eos: int | None) -> torch.Tensor:
+    """(N,) log pi(completion + EOS | prompt)."""
+    seqs = [(tuple(p), tuple(c) + ((eos,) if eos is not None else ())) for p, c in zip(prompts, completions)]
+    b = collate_sequences(seqs, pad_token_id)
+    dev = next(model.parameters()).device
+    return sequence_logps(model, b.input_ids.to(dev), b.attention_mask.to(dev), b.completion_mask.to(dev)).cpu()
+
+
+def preference_metrics(cfg, model, reference, tokenizer, pairs: list[TokenizedPair]) -> dict[str, float]:
+    """The run's objective metrics on held-out pairs (reward accuracy, margins, ...)."""
+    objective = cfg.build_objective()
+    if objective is None:
+        return {}
+    task = PreferenceTask(pairs, objective, tokenizer.pad_token_id, ref_model=reference,
+                          chunk_size=cfg.chunk_size)
+    module = PolicyLogps(model, stats=sorted(objective.needs_stats), chunk_size=cfg.chunk_size)
+    acc = MetricAccumulator()
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        for i in range(0, len(pairs), cfg.micro_batch_size):
+            idx = list(range(i, min(i + cfg.micro_batch_size, len(pairs))))
+            _, m, _ = task.loss(module, idx, dev, num_items=len(idx), num_tokens=task.norm_tokens(idx))
+            acc.add(m, len(idx))
+    return {f"eval/{k}": v for k, v in acc.reduce().items()}
+
+
+def _prompt_texts(rows) -> list[str]:
+    out = []
+    for r in rows:
+        p = r.data.get("prompt")
+        if isinstance(p, list) and p and isinstance(p[-1], dict):
+            p = p[-1].get("content", "")
+        out.append(p if isinstance(p, str) else "")
+    return out
+
+
+def evaluate_run(run_dir: str | Path, *, eval_file: str | None = None, num_prompts: int = 64,
+                 max_new_tokens: int = 32, gold: str | None = None, seed: int = 0) -> dict[str, Any]:
+    """Evaluate ``run_dir`` (written by ``poise train``) and write ``eval.json`` there."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "model").is_dir():
+        raise ConfigError(f"{run_dir} is not a finished poise run (needs config.yaml and model/).")
+    cfg = load_config(run_dir / "config.yaml")
+    eval_file = eval_file or cfg.eval_file
+    if not eval_file:
+        raise ConfigError(f"{run_dir}: no eval_file in its config; pass --eval-file FILE.")
+    tokenizer = load_tokenizer(str(run_dir / "model"))
+    policy = load_model(str(run_dir / "model"))
+    reference = load_model(cfg.reference_model or cfg.model, gguf_file=None if cfg.reference_model else cfg.gguf_file)
+    rows = load_rows(eval_file, split=cfg.split, columns=cfg.columns or None)
+    data = tokenize_rows(rows, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                         prompt_truncation=cfg.prompt_truncation, on_bad_row="skip")
+    result: dict[str, Any] = {"run": str(run_dir), "method": cfg.method}
+    pref = preference_metrics(cfg, policy, reference, tokenizer, data.pairs)
+    result.update(pref)
+    if "eval/rewards/accuracies" in pref:
+        result["reward_accuracy"] = pref["eval/rewards/accuracies"]
+        result["margin"] = pref["eval/rewards/margins"]
+    result.update(_generation_metrics(run_dir, cfg, policy, reference, tokenizer, data.pairs, rows,
+                                      num_prompts=num_prompts, max_new_tokens=max_new_tokens, gold=gold, seed=seed))
+    (run_dir / "eval.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _generation_metrics(run_dir, cfg, policy, reference, tokenizer, pairs, rows, *, num_prompts, max_new_tokens,
+                        gold, seed) -> dict[str, Any]:
+    by_index = {r.index: r for r in rows}
+    pairs = pairs[:num_prompts]
+    prompts = [p.prompt_ids for p in pairs]
+    texts = _prompt_texts([by_index[p.index] for p in pairs])
+    kw = dict(max_new_tokens=max_new_tokens, seed=seed)
+    greedy_pol = generate_ids(policy, tokenizer, prompts, sample=False, **kw)
+    greedy_ref = generate_ids(reference, tokenizer, prompts, sample=False, **kw)
+    sampled = generate_ids(policy, tokenizer, prompts, sample=True, **kw)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    kl = (completion_logps(policy, prompts, sampled, pad, eos) - completion_logps(reference, prompts, sampled, pad, eos))
+    out_pol = [tokenizer.decode(c, skip_special_tokens=True) for c in greedy_pol]
+    out_ref = [tokenizer.decode(c, skip_special_tokens=True) for c in greedy_ref]
+    with open(run_dir / "generations.jsonl", "w") as f:
+        for t, a, b in zip(texts, out_pol, out_ref):
+            f.write(json.dumps({"instruction": t, "output": a, "generator": cfg.method}) + "\n")
+            f.write(json.dumps({"instruction": t, "output": b, "generator": "reference"}) + "\n")
+    res: dict[str, Any] = {"kl_to_reference": kl.mean().item(),
+                           "mean_length_tokens": sum(map(len, greedy_pol)) / max(1, len(greedy_pol))}
+    if gold:
+        res.update(gold_metrics(gold, texts, out_pol, out_ref))
+    return res
+
+
+def gold_metrics(gold: str, prompts: list[str], responses: list[str], reference: list[str]) -> dict[str, float]:
+    """Gold reward, win rate and length-controlled win rate against the reference's responses."""
+    scorer = _gold(gold)
+    score, win_rate = scorer
+    s = score(prompts, responses)
+    w = win_rate(prompts, responses, reference)
+    return {"gold_reward": s["gold_reward"], "exact_match": s["exact_match"], "mean_length": s["length"],
+            "reference_gold_reward": score(prompts, reference)["gold_reward"],
+            "win_rate": w["win_rate"], "lc_win_rate": w["lc_win_rate"], "length_coef": w["length_coef"],
+            "ties": w["ties"]}
+
+
+def _gold(name: str) -> tuple[Callable, Callable]:
+    if name == "testbed":
+        from poise.testbed.evaluate import score, win_rate
+
+        return score, win_rate
+    if name == "instruct":
+        from poise.testbed import instruct
+
+        return instruct.score, instruct.win_rate
+    raise ConfigError(f"unknown gold reward {name!r}; the built-in ones are 'testbed' (the testbed's prompts) "
+                      "and 'instruct' (the testbed asked in plain English, poise.testbed.instruct).")

@@ -1,0 +1,104 @@
+"""``poise sweep SWEEP.yaml``: a grid of methods x hyperparameters, each cell an independent run.
+
+A sweep file::
+
+    output_dir: sweeps/grid
+    base: {model: ..., train_file: ..., eval_file: ..., epochs: 1}   # any config keys
+    methods:                                                        # label -> config keys
+      dpo: {method: dpo}
+      adadpo: {method: adadpo}
+    grid: {learning_rate: [5.0e-4, 1.0e-3], beta: [0.05, 0.1]}      # the cells: every combination
+    eval: {gold: testbed, prompts: 128, max_new_tokens: 8}           # optional: poise eval of each run
+
+Every (cell, method) is a run folder ``output_dir/<cell>/<label>`` trained with ``poise train`` and
+evaluated with ``poise eval``; a run whose ``eval.json`` exists is skipped, so a sweep resumes where
+it stopped. ``--list`` prints one command per run (``poise sweep SWEEP.yaml --only ID``) for a cluster
+scheduler; ``poise report output_dir/*/*`` then compares them cell by cell.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tqdm.auto import tqdm
+
+from poise.errors import ConfigError
+from poise.training.config import from_dict
+
+SWEEP_KEYS = {"output_dir", "base", "methods", "grid", "eval"}
+
+
+@dataclass
+class Cell:
+    id: str  # "<cell>/<label>"
+    cell: str
+    label: str
+    config: dict[str, Any]
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def load_sweep(path: str | Path) -> tuple[dict[str, Any], list[Cell]]:
+    """Read and validate a sweep file; every run's config is validated before anything trains."""
+    path = Path(path)
+    try:
+        spec = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read the sweep file ({e}).") from None
+    unknown = set(spec) - SWEEP_KEYS
+    if unknown or not spec.get("methods"):
+        raise ConfigError(f"{path}: a sweep has the keys {sorted(SWEEP_KEYS)} (methods required); "
+                          f"unknown: {sorted(unknown)}.")
+    grid = spec.get("grid") or {}
+    names = list(grid)
+    cells = []
+    out = Path(spec.get("output_dir", "sweeps/" + path.stem))
+    for values in itertools.product(*(grid[n] for n in names)) if names else [()]:
+        cell = ",".join(f"{n}={_fmt(v)}" for n, v in zip(names, values)) or "default"
+        for label, keys in spec["methods"].items():
+            cfg = {**(spec.get("base") or {}), **(keys or {}), **dict(zip(names, values))}
+            cfg["output_dir"] = str(out / cell / label)
+            from_dict(cfg, source=f"{path} [{cell} / {label}]")
+            cells.append(Cell(f"{cell}/{label}", cell, label, cfg))
+    return spec, cells
+
+
+def run_cell(c: Cell, eval_opts: dict[str, Any] | None) -> Path:
+    from poise.eval.run import evaluate_run
+    from poise.training.loop import train
+
+    run = Path(c.config["output_dir"])
+    if (run / "eval.json").is_file():
+        return run
+    cfg = dict(c.config, resume=(run / "checkpoints").is_dir())
+    train(from_dict(cfg))
+    result = {}
+    if eval_opts is not None:
+        result = evaluate_run(run, gold=eval_opts.get("gold"), num_prompts=eval_opts.get("prompts", 64),
+                              max_new_tokens=eval_opts.get("max_new_tokens", 64))
+    result.update({"label": c.label, "cell": c.cell, "method": c.config.get("method")})
+    (run / "eval.json").write_text(json.dumps(result, indent=1))
+    return run
+
+
+def sweep_main(path: str, *, only: str | None = None, list_only: bool = False) -> list[Path]:
+    spec, cells = load_sweep(path)
+    if list_only:
+        for c in cells:
+            print(f"poise sweep {path} --only '{c.id}'")
+        return []
+    if only is not None:
+        cells = [c for c in cells if c.id == only]
+        if not cells:
+            raise ConfigError(f"{path}: no run {only!r}; `poise sweep {path} --list` lists them.")
+    done = []
+    for c in tqdm(cells, desc="sweep", unit="run"):
+        done.append(run_cell(c, spec.get("eval")))
+    return done

@@ -1,0 +1,333 @@
+"""Typed, strict training configs.
+
+A config is a flat YAML mapping: the trainer's own fields (below, each with its type, default and
+doc) plus the hyperparameters of the chosen method (``beta``, ``ada_clip``, ``gate_tau``, ...; see
+``poise ls`` and docs/methods.md). Every key is checked when the config is read: an unknown key, a
+wrong type, or a hyperparameter that the chosen method does not take is a ConfigError that names the
+key and suggests the fix. The field docs here are the one source for ``poise train --help`` and the
+generated docs/config.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from poise.errors import ConfigError
+from poise.params import suggest
+
+
+def F(default: Any, doc: str, group: str, **kw: Any) -> Any:
+    """A config field with its doc and docs group."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc, "group": group})
+    return field(default=default, metadata={"doc": doc, "group": group, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # -- model ---------------------------------------------------------------------------------------
+    model: str = F("", "Policy to train: a hub name, a local folder written by save_pretrained, or a "
+                   "GGUF file (dequantised on load). Required.", "model")
+    tokenizer: str | None = F(None, "Tokenizer to load, when it is not stored with the model.", "model")
+    tokenizer_class: Literal["auto", "PreTrainedTokenizerFast"] = F(
+        "auto", "auto: AutoTokenizer picks the class from the folder's config; PreTrainedTokenizerFast: "
+        "load the saved tokenizer.json as it is (the fix when the two disagree).", "model")
+    gguf_file: str | None = F(None, "GGUF file name inside `model` (a folder or hub repo) to load.", "model")
+    trust_remote_code: bool = F(False, "Run model code shipped with a checkpoint. Off unless you trust "
+                                "the source.", "model")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = F(
+        "auto", "Weights' dtype. auto: float32 on a CPU (bf16 there runs about 27x slower than fp32 "
+        "without native support), the checkpoint's dtype on a GPU.", "model")
+    gradient_checkpointing: bool = F(False, "Recompute activations in the backward pass to save memory.",
+                                     "model")
+    lora_r: int = F(0, "LoRA rank; 0 trains every weight. With LoRA the reference is the base model "
+                    "with its adapters disabled.", "model")
+    lora_alpha: float = F(16.0, "LoRA scaling alpha.", "model")
+    lora_dropout: float = F(0.0, "Dropout on the LoRA branch.", "model")
+    lora_target_modules: list[str] | str = F("all-linear", "Modules that get adapters: a list of names "
+                                             "or 'all-linear'.", "model")
+    # -- reference -----------------------------------------------------------------------------------
+    reference_model: str | None = F(None, "Frozen reference: a hub name or folder. Default: the initial "
+                                    "policy (or, with LoRA, the base model with adapters disabled).",
+                                    "reference")
+    precompute_reference: bool = F(True, "Compute the reference's log-probs once before training and "
+                                   "cache them on disk; the reference model is then freed.", "reference")
+    cache_dir: str = F("~/.cache/poise", "Where precomputed reference log-probs are cached, keyed by "
+                       "model, data and tokenization settings, and reused by later runs.", "reference")
+    # -- data ----------------------------------------------------------------------------------------
+    train_file: str = F("", "Preference data: JSONL, JSON, Parquet or CSV file, a save_to_disk folder, "
+                        "or a hub dataset name. Required.", "data")
+    eval_file: str | None = F(None, "Held-out preference data in the same formats.", "data")
+    split: str = F("train", "Split to read from a dataset folder or hub dataset.", "data")
+    columns: dict[str, str] = F({}, "Column mapping, e.g. {prompt: question, chosen: good, rejected: bad}.",
+                                "data")
+    max_length: int = F(1024, "Longest prompt + completion in tokens; completions are cut at the end.",
+                        "data")
+    max_prompt_length: int = F(512, "Longest prompt in tokens; longer prompts are cut at the start "
+                               "(the end, nearest the response, is kept).", "data")
+    prompt_truncation: Literal["keep_end", "error"] = F(
+        "keep_end", "keep_end: cut long prompts at the start; error: treat them as bad rows.", "data")
+    on_bad_row: Literal["error", "skip"] = F("error", "error: stop at the first bad row with its file, "
+                                             "row and field; skip: drop bad rows and log a count.", "data")
+    # -- method --------------------------------------------------------------------------------------
+    stage: Literal["preference", "sft"] = F("preference", "preference: train the method; sft: "
+                                            "supervised fine-tuning on the chosen completions.", "method")
+    extended_sft: bool = F(False, "With stage: sft, train on both chosen and rejected completions "
+                           "(extended SFT, arXiv 2407.10490) to build a reference.", "method")
+    method: str = F("dpo", "A preset (adadpo, gate-dpo, balanced-dpo, ...) or a base loss (dpo, ipo, "
+                    "simpo, ...); see `poise ls`.", "method")
+    balance: list[str] = F([], "Balancers added to a base loss, e.g. [gate]; presets include theirs.",
+                           "method")
+    # -- optimisation --------------------------------------------------------------------------------
+    output_dir: str = F("runs/poise", "Run folder: checkpoints, metrics.jsonl, the final model.", "training")
+    batch_size: int = F(8, "Pairs per optimizer step, over all processes and accumulation steps.",
+                        "training")
+    micro_batch_size: int = F(8, "Pairs per forward pass on one process; batch_size must be a multiple "
+                              "of micro_batch_size x processes (the rest is gradient accumulation).",
+                              "training")
+    epochs: float = F(1.0, "Passes over the training data (fractions allowed).", "training")
+    max_steps: int | None = F(None, "Stop after this many optimizer steps (overrides epochs).", "training")
+    learning_rate: float = F(5e-7, "Peak learning rate of AdamW.", "training")
+    weight_decay: float = F(0.0, "AdamW weight decay.", "training")
+    adam_betas: list[float] = F([0.9, 0.999], "AdamW betas.", "training")
+    scheduler: Literal["linear", "cosine", "constant"] = F("cosine", "Learning-rate schedule after warmup.",
+                                                           "training")
+    warmup_ratio: float = F(0.1, "Fraction of the steps spent warming up linearly from 0.", "training")
+    max_grad_norm: float | None = F(1.0, "Clip the gradient norm to this; null disables clipping.",
+                                    "training")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = F(
+        "auto", "Autocast precision. auto: bf16 on a GPU that supports it, none on a CPU (fp32).",
+        "training")
+    seed: int = F(0, "Seed of the data order, initialisation of adapters and dropout.", "training")
+    chunk_size: int = F(1024, "Completion tokens per chunk of the output head (memory vs speed).",
+                        "training")
+    pair_layout: Literal["auto", "shared", "separate"] = F(
+        "auto", "shared: one row per pair, prompt + chosen + rejected, with a 4D attention mask, so the "
+        "prompt runs once (same log-probs, less time and memory); separate: two rows per pair, as in TRL; "
+        "auto: shared when the model qualifies (Llama, Mistral, Qwen2/3, OLMo2, Phi-3, Granite with sdpa or "
+        "eager attention, no sliding window) and both layouts agree on the first pairs.", "training")
+    # -- diagnostics ---------------------------------------------------------------------------------
+    diagnostics: bool = F(True, "Log the imbalance every step (logit-space gradient norms of each branch, "
+                          "sigma(-u), likelihood displacement) and, every diagnostics_steps, parameter-space "
+                          "gradient norms and squeezing probes on a fixed probe batch.", "diagnostics")
+    diagnostics_steps: int = F(10, "Probe every this many steps (0: only at the start and the end).",
+                               "diagnostics")
+    probe_pairs: int = F(16, "Pairs in the probe batch (from eval_file when given, else train_file).",
+                         "diagnostics")
+    probe_file: str | None = F(None, "JSONL of {prompt, response} rows unrelated to the training pairs, "
+                               "to measure squeezing; default: each probe prompt with another pair's "
+                               "chosen response.", "diagnostics")
+    # -- run -----------------------------------------------------------------------------------------
+    logging_steps: int = F(1, "Write metrics every this many steps.", "run")
+    save_steps: int = F(100, "Write a checkpoint every this many steps (0: only at the end).", "run")
+    save_total_limit: int = F(2, "Checkpoints kept; older ones are deleted.", "run")
+    resume: bool = F(False, "Continue from the last good checkpoint in output_dir.", "run")
+    eval_steps: int = F(0, "Evaluate on eval_file every this many steps (0: only at the end).", "run")
+    report_to: list[str] = F([], "Also log to: tensorboard, wandb (each when installed).", "run")
+    cpu: bool = F(False, "Run on the CPU even when a GPU is present.", "run")
+    on_nonfinite: Literal["stop", "skip"] = F(
+        "stop", "A non-finite loss or gradient is reported with its step and pairs; stop: save a checkpoint "
+        "of the last good weights and stop; skip: drop that step's update and go on.", "run")
+    # -- the method's hyperparameters (beta, ada_clip, ...) ------------------------------------------
+    hyperparameters: dict[str, Any] = field(default_factory=dict, metadata={"doc": "", "group": "hidden"})
+
+    # ------------------------------------------------------------------------------------------------
+    def objective_kwargs(self) -> dict[str, Any]:
+        return dict(self.hyperparameters)
+
+    def build_objective(self):
+        """The objective this config trains (validates the method and its hyperparameters)."""
+        from poise.losses import LOSSES
+        from poise.objective import Objective, objective
+        from poise.presets import PRESETS
+
+        if self.stage == "sft":
+            if self.hyperparameters or self.balance:
+                keys = sorted(self.hyperparameters) + (["balance"] if self.balance else [])
+                raise ConfigError(f"stage: sft takes no method hyperparameters, got {', '.join(keys)}; remove "
+                                  "them or set stage: preference.")
+            return None
+        if self.method in PRESETS:
+            p = PRESETS[self.method]
+            balance = list(p.balance) + [b for b in self.balance if b not in p.balance]
+            return Objective(p.loss, balance, **self.hyperparameters)
+        if self.method not in LOSSES:
+            objective(self.method)  # raises: unknown method, with the presets, losses and a suggestion
+        return Objective(self.method, self.balance, **self.hyperparameters)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "hyperparameters"}
+        d.update(self.hyperparameters)
+        return d
+
+
+TRAINER_FIELDS = {f.name: f for f in fields(TrainConfig) if f.name != "hyperparameters"}
+
+
+def _check_type(name: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against a field type; ints widen to float. Returns the value or raises."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            choices = typing.get_args(tp)
+            raise ConfigError(f"{name}: {value!r} is not one of {_type_text(tp)}."
+                              f"{suggest(str(value), map(str, choices))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        return _check_union(name, value, tp)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}: expected a list ({_type_text(tp)}), got {value!r}.")
+        (arg,) = typing.get_args(tp)
+        return [_check_type(f"{name}[{i}]", v, arg) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}.")
+        return {str(k): _check_type(f"{name}.{k}", v, typing.get_args(tp)[1]) for k, v in value.items()}
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{name}: expected null")
+        return value
+    return _check_scalar(name, value, tp)
+
+
+def _check_union(name: str, value: Any, tp: Any) -> Any:
+    for arg in typing.get_args(tp):
+        try:
+            return _check_type(name, value, arg)
+        except ConfigError:
+            continue
+    raise ConfigError(f"{name}: {value!r} has the wrong type; expected {_type_text(tp)}.")
+
+
+def _check_scalar(name: str, value: Any, tp: type) -> Any:
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
+        raise ConfigError(f"{name}: {value!r} has the wrong type; expected {tp.__name__}.")
+    return value
+
+
+def _type_text(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " | ".join(_type_text(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if typing.get_origin(tp) in (list, dict):
+        return f"{typing.get_origin(tp).__name__}[{', '.join(_type_text(a) for a in typing.get_args(tp))}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+_HINTS = typing.get_type_hints(TrainConfig)
+
+
+def from_dict(raw: dict[str, Any], *, source: str = "config") -> TrainConfig:
+    """Build and fully validate a config (without loading any model or data)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: a config is a mapping of keys to values, got {type(raw).__name__}.")
+    known: dict[str, Any] = {}
+    hyper: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in TRAINER_FIELDS:
+            known[key] = _check_type(f"{source}: {key}", value, _HINTS[key])
+        else:
+            hyper[key] = value
+    cfg = TrainConfig(**known, hyperparameters=hyper)
+    _validate(cfg, source)
+    return cfg
+
+
+def _validate(cfg: TrainConfig, source: str) -> None:
+    _validate_method(cfg, source)
+    for check in (_check_required, _check_sizes, _check_ranges):
+        problem = check(cfg)
+        if problem:
+            raise ConfigError(f"{source}: {problem}")
+
+
+def _validate_method(cfg: TrainConfig, source: str) -> None:
+    try:
+        cfg.build_objective()
+    except ConfigError as e:
+        msg = str(e)
+        for key in cfg.hyperparameters:
+            hint = suggest(key, TRAINER_FIELDS) if f"'{key}'" in msg and "does not take" in msg else ""
+            if hint:
+                msg += f" (If you meant the trainer setting:{hint})"
+        raise ConfigError(f"{source}: {msg}") from None
+
+
+def _check_required(cfg: TrainConfig) -> str | None:
+    missing = [n for n in ("model", "train_file") if not getattr(cfg, n)]
+    return f"{missing[0]} is required (see docs/config.md)." if missing else None
+
+
+def _check_sizes(cfg: TrainConfig) -> str | None:
+    for name in ("batch_size", "micro_batch_size", "max_length", "max_prompt_length", "chunk_size",
+                 "logging_steps", "save_total_limit", "probe_pairs"):
+        if getattr(cfg, name) < 1:
+            return f"{name} must be at least 1, got {getattr(cfg, name)}."
+    if cfg.batch_size % cfg.micro_batch_size:
+        return (f"batch_size={cfg.batch_size} is not a multiple of micro_batch_size={cfg.micro_batch_size}; "
+                "make it one (the quotient is gradient accumulation).")
+    if cfg.max_prompt_length >= cfg.max_length:
+        return (f"max_prompt_length ({cfg.max_prompt_length}) must be below max_length ({cfg.max_length}) "
+                "to leave room for the completion.")
+    return None
+
+
+def _check_ranges(cfg: TrainConfig) -> str | None:
+    if not 0 <= cfg.warmup_ratio < 1:
+        return f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}."
+    if cfg.learning_rate <= 0 or cfg.epochs <= 0:
+        return "learning_rate and epochs must be positive."
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        return f"max_steps must be at least 1 (or null), got {cfg.max_steps}."
+    if cfg.extended_sft and cfg.stage != "sft":
+        return "extended_sft applies to stage: sft only; set stage: sft or remove it."
+    bad = [r for r in cfg.report_to if r not in ("tensorboard", "wandb")]
+    if bad:
+        return f"report_to: unknown {bad}; use tensorboard and/or wandb."
+    return None
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``key=value`` from the command line; the value is parsed as YAML (so 0.1, true, null, [a, b])."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value (e.g. beta=0.05 or resume=true).")
+    key, value = item.split("=", 1)
+    return key.strip(), yaml.safe_load(value) if value != "" else ""
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    """Read a YAML config (``yaml.safe_load``), apply ``key=value`` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file.")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e}).") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a config is a mapping of keys to values.")
+    for item in overrides:
+        k, v = parse_override(item)
+        raw[k] = v
+    return from_dict(raw, source=str(path))
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def replace(cfg: TrainConfig, **changes: Any) -> TrainConfig:
+    return dataclasses.replace(cfg, **changes)

@@ -1,0 +1,162 @@
+"""What one training stage computes on a micro-batch: the preference objective, or SFT.
+
+A task owns its items (pairs or sequences), collates them, counts the tokens that normalise its
+batch-level terms, and turns the policy's per-token log-probs into a loss. The trainer's loop is the
+same for both; it never looks at a loss name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from poise.data import SequenceBatch, SharedPairBatch, TokenizedPair, collate_sequences
+from poise.diagnostics.imbalance import step_metrics
+from poise.model.logprobs import TokenLogps, pair_logps
+from poise.model.reference import adapters_disabled
+from poise.model.shared_prefix import batch_logps, collate_layout
+
+
+class PolicyLogps(nn.Module):
+    """The policy as a module whose forward returns per-token log-probs.
+
+    Wrapping the model this way lets DDP/FSDP see the whole log-prob pass as the module's forward
+    (so gradients synchronise), while the engine still applies the output head only to completion
+    positions, chunk by chunk.
+    """
+
+    def __init__(self, model: nn.Module, *, stats: Sequence[str] = (), chunk_size: int = 1024):
+        super().__init__()
+        self.model = model
+        self.stats = tuple(stats)
+        self.chunk_size = chunk_size
+
+    def forward(self, input_ids, attention_mask, completion_mask, position_ids=None, segments=None,
+                pred_index=None, targets=None):
+        # the batch travels as tensors (keyword arguments), so DDP can find and move them
+        if segments is not None:
+            batch = SharedPairBatch(input_ids, attention_mask, completion_mask, position_ids, segments,
+                                    pred_index, targets)
+        else:
+            batch = SequenceBatch(input_ids, attention_mask, completion_mask)
+        out = batch_logps(self.model, batch, stats=self.stats, chunk_size=self.chunk_size)
+        return out.logps, out.mask, out.stats
+
+
+def run_policy(module, batch) -> TokenLogps:
+    logps, mask, stats = module(**{f.name: getattr(batch, f.name) for f in fields(batch)})
+    return TokenLogps(logps, mask, stats)
+
+
+@dataclass
+class PreferenceTask:
+    """Pairs and an objective; the reference is precomputed sums (N, 2) or a live model.
+
+    ``layout`` is ``"shared"`` (one row per pair, the prompt once: :mod:`poise.data.shared`) or
+    ``"separate"`` (prompt + chosen and prompt + rejected rows); :func:`poise.model.shared_prefix.choose_layout`
+    picks it.
+    """
+
+    pairs: list[TokenizedPair]
+    objective: Any
+    pad_token_id: int
+    ref_sums: torch.Tensor | None = None
+    ref_model: nn.Module | None = None
+    ref_disable_adapters: bool = False
+    chunk_size: int = 1024
+    diagnostics: bool = False
+    layout: str = "separate"
+    lengths: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.lengths = [p.length for p in self.pairs]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def norm_tokens(self, idx: Sequence[int]) -> int:
+        """Chosen tokens of these pairs: the denominator of batch-level NLL terms."""
+        return sum(len(self.pairs[i].chosen_ids) for i in idx)
+
+    def real_tokens(self, idx: Sequence[int]) -> int:
+        return sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
+                   for p in (self.pairs[i] for i in idx))
+
+    def collate(self, idx: Sequence[int]):
+        return collate_layout([self.pairs[i] for i in idx], self.pad_token_id, self.layout)
+
+    def reference(self, idx: Sequence[int], batch, device):
+        """(per-token reference TokenLogps or None, per-sequence sums or None)."""
+        if not self.objective.needs_reference:
+            return None, None
+        if self.ref_sums is not None:
+            s = self.ref_sums[list(idx)].to(device)
+            return None, (s[:, 0], s[:, 1])
+        model = self.ref_model
+        with torch.no_grad(), adapters_disabled(model) if self.ref_disable_adapters else nullcontext():
+            out = batch_logps(model, batch, chunk_size=self.chunk_size)
+        return out, None
+
+    def loss(self, module, idx: Sequence[int], device, *, num_items: int, num_tokens: int):
+        batch = self.collate(idx).to(device)
+        pol = run_policy(module, batch)
+        ref_out, ref_sums = self.reference(idx, batch, device)
+        pl = pair_logps(pol, ref_out, ref_sums=ref_sums)
+        out = self.objective(pl, num_pairs=num_items, num_chosen_tokens=num_tokens)
+        metrics = out.metrics
+        if self.diagnostics and torch.is_grad_enabled():
+            metrics = {**metrics, **step_metrics(pl, out.loss, self.objective)}
+        return out.loss, metrics, out.per_pair
+
+    @torch.no_grad()
+    def ref_sums_for(self, idx: Sequence[int], device) -> torch.Tensor | None:
+        """(len(idx), 2) reference sums of these pairs, precomputed or from the live reference."""
+        if not self.objective.needs_reference:
+            return None
+        if self.ref_sums is not None:
+            return self.ref_sums[list(idx)]
+        batch = self.collate(idx).to(device)
+        out, _ = self.reference(idx, batch, device)
+        s = out.logps.sum(-1).float().cpu()
+        return torch.stack([s[:len(idx)], s[len(idx):]], -1)
+
+    def calibrate(self, module, idx: Sequence[int], device, gather) -> None:
+        batch = self.collate(idx).to(device)
+        with torch.no_grad():
+            pol = run_policy(module, batch)
+        self.objective.calibrate(pair_logps(pol), gather=gather)
+
+
+@dataclass
+class SFTTask:
+    """(prompt, completion) sequences; the loss is the token-mean NLL of the completions."""
+
+    seqs: list[tuple[tuple[int, ...], tuple[int, ...]]]
+    pad_token_id: int
+    objective: Any = None
+    lengths: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.lengths = [len(p) + len(c) for p, c in self.seqs]
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def norm_tokens(self, idx: Sequence[int]) -> int:
+        return sum(len(self.seqs[i][1]) for i in idx)
+
+    def real_tokens(self, idx: Sequence[int]) -> int:
+        return sum(self.lengths[i] for i in idx)
+
+    def loss(self, module, idx: Sequence[int], device, *, num_items: int, num_tokens: int):
+        batch = collate_sequences([self.seqs[i] for i in idx], self.pad_token_id).to(device)
+        pol = run_policy(module, batch)
+        nll = -pol.logps.sum()  # logps are 0 off the completion tokens
+        n_local = pol.mask.sum().clamp(min=1)
+        metrics = {"loss": (nll / n_local).detach(), "nll_loss": (nll / n_local).detach()}
+        return nll / num_tokens, metrics, None

@@ -1,0 +1,100 @@
+"""Typed, strict configs: every shipped config validates; bad ones fail with the key and the fix."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from poise.errors import ConfigError
+from poise.training.config import from_dict, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "sweeps" not in p.parts)
+SWEEPS = sorted((ROOT / "configs" / "sweeps").rglob("*.yaml"))
+BASE = {"model": "m", "train_file": "d.jsonl"}
+
+
+def test_there_is_a_config_for_every_preset():
+    from poise.presets import PRESETS
+
+    names = {p.stem for p in SHIPPED}
+    assert set(PRESETS) <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_config_validates_and_opens_with_its_command(path):
+    load_config(path)
+    first = path.read_text().splitlines()[0]
+    assert first.startswith(f"# poise train configs/{path.relative_to(ROOT / 'configs')}")
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_every_shipped_sweep_validates_every_cell(path):
+    from poise.eval.sweep import load_sweep
+
+    _, cells = load_sweep(path)
+    assert len(cells) >= 16
+    assert path.read_text().startswith(f"# poise sweep configs/sweeps/{path.name}")
+
+
+@pytest.mark.parametrize("raw,match", [
+    ({"method": "adadpo", "learning_rat": 1e-6}, r"learning_rat.*Did you mean 'learning_rate'"),
+    ({"method": "dpo", "gate_tau": 0.1}, r"'gate_tau'.*balancer 'gate'"),
+    ({"method": "adadpo", "beta": "high"}, r"beta='high'"),
+    ({"method": "dpo", "batch_size": "8"}, r"batch_size.*wrong type; expected int"),
+    ({"method": "dpo", "scheduler": "cosin"}, r"scheduler.*Did you mean 'cosine'"),
+    ({"method": "adpo"}, r"unknown method 'adpo'.*Did you mean 'dpo'"),
+    ({"method": "dpo", "batch_size": 8, "micro_batch_size": 3}, r"not a multiple of micro_batch_size"),
+    ({"method": "simpo", "balance": ["ada"], "ada_space": "reference"}, r"reference-free"),
+    ({"method": "dpo", "label_smoothing": 0.1}, r"label_smoothing.*loss 'cdpo'"),
+    ({"method": "cdpo", "label_smoothing": 0.5}, r"label_smoothing=0.5"),
+    ({"method": "dpo", "use_cpu": True}, r"'use_cpu'"),
+    ({"stage": "sft", "beta": 0.1}, r"stage: sft takes no method hyperparameters"),
+    ({"method": "dpo", "extended_sft": True}, r"extended_sft applies to stage: sft"),
+    ({"method": "dpo", "max_prompt_length": 600, "max_length": 512}, r"max_prompt_length"),
+    ({"method": "dpo", "report_to": ["tensorbored"]}, r"report_to"),
+    ({"method": "dpo", "warmup_ratio": 1.5}, r"warmup_ratio"),
+    ({"method": "dpo", "model": ""}, r"model is required"),
+])
+def test_bad_configs_name_the_key(raw, match):
+    with pytest.raises(ConfigError, match=match):
+        from_dict({**BASE, **raw}, source="cfg.yaml")
+
+
+def test_overrides_are_typed_yaml(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model: m\ntrain_file: d.jsonl\nmethod: adadpo\n")
+    cfg = load_config(p, ["beta=0.05", "ada_clip=null", "lora_target_modules=[q_proj, v_proj]", "resume=true"])
+    assert cfg.hyperparameters == {"beta": 0.05, "ada_clip": None}
+    assert cfg.lora_target_modules == ["q_proj", "v_proj"] and cfg.resume is True
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(p, ["beta"])
+
+
+def test_validate_and_show_on_the_command_line(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model: m\ntrain_file: d.jsonl\nmethod: gate-dpo\n")
+    ok = subprocess.run([sys.executable, "-m", "poise", "validate", str(p)], capture_output=True, text=True)
+    assert ok.returncode == 0 and "valid" in ok.stdout
+    shown = subprocess.run([sys.executable, "-m", "poise", "show", str(p), "gate_tau=0.2"],
+                           capture_output=True, text=True)
+    assert "gate_tau: 0.2" in shown.stdout and "gate_calibration_pairs: 256" in shown.stdout
+    p.write_text("model: m\ntrain_file: d.jsonl\nmethod: dpo\nbetta: 0.1\n")
+    bad = subprocess.run([sys.executable, "-m", "poise", "validate", str(p)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "betta" in bad.stderr and "beta" in bad.stderr
+
+
+def test_docs_config_md_is_generated_from_the_field_docs():
+    from poise.training.configdoc import as_markdown
+
+    assert (ROOT / "docs" / "config.md").read_text() == as_markdown(), "run `poise config-docs`"
+
+
+def test_train_help_lists_every_field():
+    from poise.training.config import TRAINER_FIELDS
+
+    out = subprocess.run([sys.executable, "-m", "poise", "train", "--help"], capture_output=True, text=True).stdout
+    for name in TRAINER_FIELDS:
+        assert f"    {name} (" in out
