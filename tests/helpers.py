@@ -210,3 +210,13 @@ def make_run(root, name, config=None, metrics=None, eval=None, raw_lines=()):
 
 def curve(key, values, start=1):
     return [{"step": start + i, "epoch": 0.1 * i, "loss": 0.69, key: v} for i, v in enumerate(values)]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the OS picks it: bind to port 0), for a launcher's
+    --master_port; a fixed number collides with another test run on the same machine."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

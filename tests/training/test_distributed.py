@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 import yaml
+from helpers import free_port
 from safetensors.torch import load_file
 
 from poise.errors import ConfigError
@@ -22,8 +23,10 @@ def test_two_processes_equal_one(make_cfg, tmp_path):
     path = tmp_path / "two.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    # a port free now, not a fixed number that another run on this machine may hold
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29517", "-m", "poise", "train", str(path)],
+                           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                           "-m", "poise", "train", str(path)],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
