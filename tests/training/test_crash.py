@@ -1,8 +1,9 @@
 """Runs survive crashes: a process SIGKILLed at any moment (between steps or in the middle of writing
 a checkpoint) resumes from its last good checkpoint and ends with the same weights as a run that was
-never interrupted; SIGTERM saves a checkpoint and exits cleanly; a failed checkpoint write is a clean
-stop that keeps the previous checkpoint."""
+never interrupted; SIGTERM saves a checkpoint and exits cleanly, and the run resumes exactly; a failed
+checkpoint write is a clean stop that keeps the previous checkpoint."""
 
+import json
 import os
 import signal
 import subprocess
@@ -15,7 +16,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from poise.training.checkpoint import KILL_ENV
+from poise.training.checkpoint import KILL_ENV, latest_good
+from poise.training.runlog import read_metrics
 
 STEPS = 6
 
@@ -55,7 +57,7 @@ def reference(tmp_path_factory, assets):
     path, run_dir = write_cfg(make_cfg, tmp, "full")
     out = run(path)
     assert out.returncode == 0, out.stderr[-2000:]
-    return make_cfg, weights(run_dir)
+    return make_cfg, weights(run_dir), run_dir
 
 
 def assert_same(a, b):
@@ -64,7 +66,7 @@ def assert_same(a, b):
 
 
 def kill_and_resume(reference, tmp_path, moment):
-    make_cfg, expect = reference
+    make_cfg, expect, _ = reference
     path, run_dir = write_cfg(make_cfg, tmp_path, "killed")
     out = run(path, env={KILL_ENV: moment})
     assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
@@ -86,23 +88,94 @@ def test_kill_at_many_moments_resumes_exactly(reference, tmp_path, moment):
     kill_and_resume(reference, tmp_path, moment)
 
 
+#: ``poise train`` in a child that, once the row of its first training step is written, holds until
+#: SIGTERM has reached poise's handler: the run can neither finish nor take step 2 before the signal,
+#: so the test does not depend on how fast the machine is. The relay is installed before the row is
+#: written, so a signal sent as soon as the row appears cannot be missed.
+HOLD_AFTER_FIRST_STEP = r"""
+import os, signal, sys, time
+from poise.training.runlog import RunLogger
+
+write, seen = RunLogger.write, []
+
+
+def write_then_hold(self, step, metrics):
+    if step < 1 or seen:
+        return write(self, step, metrics)
+    poise_handler = signal.getsignal(signal.SIGTERM)
+
+    def relay(signum, frame):
+        seen.append(signum)
+        if callable(poise_handler):
+            poise_handler(signum, frame)
+        else:  # poise installed no handler: die of the signal, as poise alone would
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, relay)
+    write(self, step, metrics)
+    deadline = time.monotonic() + 240
+    while not seen and time.monotonic() < deadline:
+        time.sleep(0.01)
+    signal.signal(signal.SIGTERM, poise_handler)
+    if not seen:
+        sys.exit("test harness: no SIGTERM within 240 s of the first step")
+
+
+RunLogger.write = write_then_hold
+from poise.cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def logged_steps(run_dir):
+    """Steps of the complete rows of metrics.jsonl (a row being written is not read)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().split("\n")[:-1] if line.strip()]
+
+
 def test_sigterm_saves_and_exits_cleanly_then_resumes(reference, tmp_path):
-    make_cfg, expect = reference
+    """SIGTERM sent once step 1 is logged: exit code 130, a good checkpoint of step 1, no final model;
+    resuming gives the uninterrupted run's metrics for steps 2..6 and its exact weights."""
+    make_cfg, expect, ref_dir = reference
     path, run_dir = write_cfg(make_cfg, tmp_path, "term")
-    proc = subprocess.Popen([sys.executable, "-m", "poise", "train", str(path)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=240)
-    if proc.returncode == 0:  # the run finished before the signal arrived: nothing to test
-        pytest.skip("training finished before SIGTERM was delivered")
-    assert proc.returncode == 130, err[-2000:]
-    assert "stopped by signal" in err and (run_dir / "checkpoints").is_dir()
-    assert run(path, "resume=true").returncode == 0
+    out, err = tmp_path / "term.out", tmp_path / "term.err"  # files: a full pipe would stall the child
+    with open(out, "w") as fo, open(err, "w") as fe:
+        proc = subprocess.Popen([sys.executable, "-c", HOLD_AFTER_FIRST_STEP, "train", str(path)],
+                                stdout=fo, stderr=fe, text=True)
+        try:
+            deadline = time.monotonic() + 240
+            while not any(s >= 1 for s in logged_steps(run_dir)):
+                assert proc.poll() is None, f"the run ended before step 1: {err.read_text()[-2000:]}"
+                assert time.monotonic() < deadline, "no training step logged within 240 s"
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=240)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    stderr = err.read_text()
+    assert proc.returncode == 130, stderr[-2000:]
+    assert f"stopped by signal {int(signal.SIGTERM)} at step 1;" in stderr
+    assert "stopped early" in out.read_text()
+    ckpt = latest_good(run_dir)
+    assert ckpt is not None and ckpt.name == "step-00000001"
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 1
+    assert not (run_dir / "model").exists()  # stopped before the end: no final model
+    assert logged_steps(run_dir) == [0, 1]
+
+    resumed = run(path, "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from {ckpt} (step 1)" in resumed.stderr
+    assert logged_steps(run_dir) == list(range(STEPS + 1))
     assert_same(weights(run_dir), expect)
+    ref_rows, rows = read_metrics(ref_dir), read_metrics(run_dir)
+    for key in ("loss", "grad_norm", "learning_rate"):
+        assert [r[key] for r in rows[1:]] == [r[key] for r in ref_rows[1:]], key
 
 
 def test_failed_checkpoint_write_is_a_clean_stop(make_cfg, monkeypatch):
