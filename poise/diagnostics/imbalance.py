@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from poise.data import TokenizedPair, collate_pairs, collate_sequences
-from poise.model.logprobs import pair_logps, token_logps
+from poise.model.logprobs import batch_logps, pair_logps
 from poise.ops import masked_sum, upcast
 from poise.seq import PairSeq
 from poise.types import PairLogps
@@ -86,8 +86,7 @@ class Probe:
     @torch.no_grad()
     def logps(self, model, device) -> dict[str, float]:
         b = collate_pairs(self.pairs, self.pad).to(device)
-        out = token_logps(model, b.input_ids, b.attention_mask, b.completion_mask,
-                          stats=("entropy", "max_p"), chunk_size=self.chunk_size)
+        out = batch_logps(model, b, stats=("entropy", "max_p"), chunk_size=self.chunk_size)
         n = len(self.pairs)
         sums = out.logps.sum(-1)
         cm = out.mask[:n]
@@ -97,15 +96,14 @@ class Probe:
                "probe/greedy_logp": out.stats["max_p"][:n][cm].clamp(min=1e-30).log().mean().item()}
         if self.others:
             o = collate_sequences(self.others, self.pad).to(device)
-            ol = token_logps(model, o.input_ids, o.attention_mask, o.completion_mask, chunk_size=self.chunk_size)
+            ol = batch_logps(model, o, chunk_size=self.chunk_size)
             res["probe/others_logp"] = ol.logps.sum(-1).mean().item()
         return res
 
     def param_grads(self, model, objective, trainable: list, device, ref_sums: Tensor | None) -> dict[str, float]:
         """Norms and cosine of the chosen-branch and rejected-branch parameter gradients."""
         b = collate_pairs(self.pairs, self.pad).to(device)
-        pol = token_logps(model, b.input_ids, b.attention_mask, b.completion_mask,
-                          stats=tuple(objective.needs_stats), chunk_size=self.chunk_size)
+        pol = batch_logps(model, b, stats=tuple(objective.needs_stats), chunk_size=self.chunk_size)
         ref = None if ref_sums is None else (ref_sums[:, 0].to(device), ref_sums[:, 1].to(device))
         pl = pair_logps(pol, ref_sums=ref)
         loss = objective(pl).loss

@@ -28,7 +28,7 @@ import torch
 from poise.data import TokenizedPair, collate_sequences, load_rows, tokenize_rows
 from poise.errors import ConfigError
 from poise.model.load import load_model, load_tokenizer
-from poise.model.logprobs import sequence_logps
+from poise.model.logprobs import batch_logps
 from poise.training.config import load_config
 from poise.training.runlog import MetricAccumulator
 from poise.training.tasks import PolicyLogps, PreferenceTask
@@ -76,9 +76,8 @@ def completion_logps(model, prompts: Sequence[tuple[int, ...]], completions: Seq
                      pad_token_id: int, eos: int | None) -> torch.Tensor:
     """(N,) log pi(completion + EOS | prompt)."""
     seqs = [(tuple(p), tuple(c) + ((eos,) if eos is not None else ())) for p, c in zip(prompts, completions)]
-    b = collate_sequences(seqs, pad_token_id)
-    dev = next(model.parameters()).device
-    return sequence_logps(model, b.input_ids.to(dev), b.attention_mask.to(dev), b.completion_mask.to(dev)).cpu()
+    b = collate_sequences(seqs, pad_token_id).to(next(model.parameters()).device)
+    return batch_logps(model, b).logps.sum(-1).cpu()
 
 
 def preference_metrics(cfg, model, reference, tokenizer, pairs: list[TokenizedPair]) -> dict[str, float]:

@@ -1,8 +1,17 @@
 """The log-prob engine: per-token ``log pi(y_t | x, y_<t)`` on completion tokens only.
 
-A batch is ``input_ids`` (N, L) right-padded, ``attention_mask`` (N, L) and ``completion_mask`` (N, L),
-True exactly at the completion tokens whose log-prob is scored. For preference pairs N = 2B: rows
-``0..B-1`` are prompt+chosen, rows ``B..2B-1`` prompt+rejected, so one forward pass serves both.
+:func:`batch_logps` is THE entry: model and batch in, per-token log-probs and statistics out
+(:class:`TokenLogps`), whatever the batch's layout:
+
+* :class:`poise.data.SequenceBatch` (and :class:`poise.data.PreferenceBatch`): ``input_ids`` (N, L)
+  right-padded, ``attention_mask`` (N, L) and ``completion_mask`` (N, L), True exactly at the completion
+  tokens whose log-prob is scored. For preference pairs N = 2B: rows ``0..B-1`` are prompt+chosen, rows
+  ``B..2B-1`` prompt+rejected, so one forward pass serves both. :func:`token_logps` is the same
+  computation on the three tensors, for callers that hold tensors rather than a batch.
+* :class:`poise.data.SharedPairBatch`: one row ``[prompt | chosen | rejected]`` per pair, the prompt
+  through the model once, under the 4D mask of :mod:`poise.model.shared_mask` (which refuses a model the
+  layout is not exact for). The result is in the usual (2B, W) pair layout, so every consumer is the
+  same; :mod:`poise.model.shared_prefix` checks the two layouts against each other and picks one.
 
 Two paths compute the same numbers (float32, exactly 0.0 off the completion tokens):
 
@@ -37,13 +46,17 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.utils import _pytree
 from torch.utils.checkpoint import checkpoint
 
+from poise.data import SequenceBatch, SharedPairBatch
 from poise.model.heads import FastPath, NoFastPath, fast_path_reason, resolve_fast_path
+from poise.model.shared_mask import shared_attention_mask
 from poise.types import STAT_NAMES, PairLogps
 
 __all__ = [
     "TokenLogps",
+    "batch_logps",
     "fast_path_reason",
     "pair_logps",
     "sequence_logps",
@@ -71,6 +84,11 @@ class TokenLogps:
     mask: Tensor
     stats: dict[str, Tensor] = field(default_factory=dict)
     path: str = "fast"
+
+
+# A module's forward may return it: DDP (find_unused_parameters / static_graph) and FSDP2 find the
+# tensors of an output by flattening it as a pytree, as transformers registers its ModelOutput.
+_pytree.register_dataclass(TokenLogps)
 
 
 # ----------------------------------------------------------------------------- per-chunk maths
@@ -191,7 +209,19 @@ def scatter_values(mask: Tensor, values: Tensor, stat_values: Tensor | None, nam
     return TokenLogps(logps, mask, stat_maps, "fast" if fast else "fallback")
 
 
-def _check_inputs(input_ids, attention_mask, completion_mask, stats, chunk_size, path) -> Tensor:
+def _check_options(stats, chunk_size, path) -> tuple[str, ...]:
+    """The distinct stat names, in order, after checking the options shared by both layouts."""
+    unknown = [s for s in stats if s not in STAT_NAMES]
+    if unknown:
+        raise ValueError(f"unknown stats {unknown}; choose from {STAT_NAMES}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if path not in _PATHS:
+        raise ValueError(f"path must be one of {_PATHS}, got {path!r}")
+    return tuple(dict.fromkeys(stats))
+
+
+def _check_inputs(input_ids, attention_mask, completion_mask) -> Tensor:
     if input_ids.dim() != 2 or completion_mask.shape != input_ids.shape:
         raise ValueError(
             f"input_ids must be (N, L) and completion_mask the same shape, got "
@@ -201,13 +231,6 @@ def _check_inputs(input_ids, attention_mask, completion_mask, stats, chunk_size,
         raise ValueError(
             f"attention_mask has shape {tuple(attention_mask.shape)}, want {tuple(input_ids.shape)}"
         )
-    unknown = [s for s in stats if s not in STAT_NAMES]
-    if unknown:
-        raise ValueError(f"unknown stats {unknown}; choose from {STAT_NAMES}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if path not in _PATHS:
-        raise ValueError(f"path must be one of {_PATHS}, got {path!r}")
     mask = completion_mask.bool()
     if mask[:, 0].any():
         raise ValueError("completion_mask[:, 0] must be False: the first token has no context to predict it")
@@ -224,7 +247,8 @@ def token_logps(
     chunk_size: int = 1024,
     path: str = "auto",
 ) -> TokenLogps:
-    """Per-token float32 log-probs of ``input_ids`` under ``model`` on the completion tokens.
+    """Per-token float32 log-probs of ``input_ids`` under ``model`` on the completion tokens: the
+    two-row layout of :func:`batch_logps`, on tensors.
 
     Args:
         model: a causal LM (transformers, optionally wrapped in a peft ``PeftModel``).
@@ -236,8 +260,8 @@ def token_logps(
         path: ``"auto"`` (fast path when supported, see :func:`fast_path_reason`), ``"fast"`` (raise
             if unsupported) or ``"fallback"`` (the model's own full logits).
     """
-    mask = _check_inputs(input_ids, attention_mask, completion_mask, stats, chunk_size, path)
-    names = tuple(dict.fromkeys(stats))
+    names = _check_options(stats, chunk_size, path)
+    mask = _check_inputs(input_ids, attention_mask, completion_mask)
     sel = mask[:, 1:]
     fast = resolve_path(model, path)
     if fast is not None:
@@ -245,6 +269,47 @@ def token_logps(
     else:
         values, stat_values = _fallback_values(model, input_ids, attention_mask, sel, chunk_size, names)
     return scatter_values(mask, values, stat_values, names, fast is not None)
+
+
+def _shared_token_logps(model: nn.Module, batch: SharedPairBatch, names: Sequence[str], chunk_size: int,
+                        path: str) -> TokenLogps:
+    """Per-token log-probs of a :class:`SharedPairBatch`, in the usual (2B, W) pair layout: the model runs
+    once per pair under the shared-prefix mask, and every completion token is scored at its own
+    predicting position (``batch.pred_index``) with the same head code as the two-row layout."""
+    mask = shared_attention_mask(model, batch.segments)
+    kwargs = dict(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, use_cache=False)
+    fast = resolve_path(model, path)
+    if fast is not None:
+        hidden = last_hidden(fast.backbone(**kwargs))  # (B, L, H)
+        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.pred_index)  # (K, H)
+        values, stat_values = head_values(fast, rows, batch.targets, chunk_size, names)
+    else:
+        logits = model(**kwargs).logits
+        values, stat_values = logits_values(logits, batch.pred_index, batch.targets, chunk_size, names)
+    return scatter_values(batch.completion_mask, values, stat_values, names, fast is not None)
+
+
+def batch_logps(
+    model: nn.Module,
+    batch: SequenceBatch,
+    *,
+    stats: Sequence[str] = (),
+    chunk_size: int = 1024,
+    path: str = "auto",
+) -> TokenLogps:
+    """Per-token float32 log-probs (and statistics) of the completion tokens of ``batch`` under ``model``.
+
+    THE entry of the engine: it dispatches on the batch's layout. A :class:`poise.data.SharedPairBatch`
+    (one row per pair, the prompt once) is scored under the shared-prefix mask and returned in the usual
+    (2B, W) pair layout (ValueError if the layout is not exact for ``model``, see
+    :func:`poise.model.shared_mask.shared_prefix_reason`); any other :class:`poise.data.SequenceBatch` is
+    scored row by row (:func:`token_logps`). ``stats``, ``chunk_size`` and ``path`` are those of
+    :func:`token_logps`. The batch must already be on the model's device.
+    """
+    if isinstance(batch, SharedPairBatch):
+        return _shared_token_logps(model, batch, _check_options(stats, chunk_size, path), chunk_size, path)
+    return token_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask, stats=stats,
+                       chunk_size=chunk_size, path=path)
 
 
 def sequence_logps(

@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from poise.data import TokenizedPair
-from poise.model.shared_prefix import batch_logps, collate_layout
+from poise.model.logprobs import batch_logps
+from poise.model.shared_prefix import collate_layout
 
 log = logging.getLogger("poise")
 

@@ -6,10 +6,12 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from poise.data import SequenceBatch, TokenizedPair, collate_shared
 from poise.model.logprobs import (
     TokenLogps,
+    batch_logps,
     fast_path_reason,
     pair_logps,
     sequence_logps,
@@ -335,6 +337,43 @@ def test_input_validation(model, batch):
     with torch.no_grad():  # no completion tokens at all: all zeros, no error
         empty = token_logps(model, ids, attn, torch.zeros_like(comp), stats=("max_p",))
     assert (empty.logps == 0).all() and (empty.stats["max_p"] == 0).all()
+
+
+# ----------------------------------------------------------------------------- the one entry
+
+
+def test_batch_logps_of_rows_is_token_logps(model, batch):
+    """A SequenceBatch goes through the two-row computation: the same numbers as token_logps."""
+    ids, attn, comp = batch
+    with torch.no_grad():
+        out = batch_logps(model, SequenceBatch(ids, attn, comp), stats=STAT_NAMES, chunk_size=3)
+        ref = token_logps(model, ids, attn, comp, stats=STAT_NAMES, chunk_size=3)
+    assert out.path == ref.path == "fast" and torch.equal(out.mask, ref.mask)
+    assert torch.equal(out.logps, ref.logps)
+    for name in STAT_NAMES:
+        assert torch.equal(out.stats[name], ref.stats[name])
+
+
+def test_batch_logps_checks_the_options_of_the_shared_layout_too(model):
+    shared = collate_shared([TokenizedPair((3, 4), (5, 6), (7,), "f", 0)], 0)
+    with pytest.raises(ValueError, match="unknown stats"):
+        batch_logps(model, shared, stats=("variance",))
+    with pytest.raises(ValueError, match="chunk_size"):
+        batch_logps(model, shared, chunk_size=0)
+    with pytest.raises(ValueError, match="path must be"):
+        batch_logps(model, shared, path="slow")
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2))
+    with pytest.raises(ValueError, match="not exact for this model: model type 'gpt2'"):
+        batch_logps(gpt2, shared)
+
+
+def test_token_logps_is_a_pytree_so_ddp_finds_its_tensors():
+    """A module's forward returns TokenLogps: DDP's and FSDP2's output hooks flatten it as a pytree."""
+    out = _token_out()
+    leaves, spec = torch.utils._pytree.tree_flatten(out)
+    assert any(leaf is out.logps for leaf in leaves) and any(leaf is out.stats["sum_p2"] for leaf in leaves)
+    back = torch.utils._pytree.tree_unflatten(leaves, spec)
+    assert isinstance(back, TokenLogps) and back.logps is out.logps and back.path == out.path
 
 
 # ----------------------------------------------------------------------------- pair_logps

@@ -11,14 +11,9 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from poise.data import TokenizedPair, collate_pairs, collate_shared
 from poise.data.shared import CHOSEN, PAD, PROMPT, REJECTED
 from poise.errors import ConfigError
-from poise.model.shared_prefix import (
-    attention_mask_4d,
-    batch_logps,
-    choose_layout,
-    pairs_reason,
-    shared_prefix_reason,
-    verify_shared_prefix,
-)
+from poise.model.logprobs import batch_logps
+from poise.model.shared_mask import attention_mask_4d, shared_prefix_reason
+from poise.model.shared_prefix import choose_layout, pairs_reason, verify_shared_prefix
 from poise.types import STAT_NAMES
 
 VOCAB = 97
@@ -87,13 +82,13 @@ def test_logps_stats_and_gradients_match_the_separate_layout(attn, path):
 
 def test_a_wrong_mask_is_caught_by_the_check(monkeypatch):
     """If the rejected tokens could see the chosen ones, the verification sees it and auto falls back."""
-    import poise.model.shared_prefix as sp
+    import poise.model.shared_mask as sm
 
     model, pairs = _llama(), _pairs()
     assert verify_shared_prefix(model, pairs, 0) < 1e-5
     plain_causal = lambda seg, impl, dtype: (  # noqa: E731
         torch.ones(seg.shape[1], seg.shape[1], dtype=torch.bool).tril()[None, None].expand(seg.shape[0], 1, -1, -1))
-    monkeypatch.setattr(sp, "attention_mask_4d", plain_causal)
+    monkeypatch.setattr(sm, "attention_mask_4d", plain_causal)
     assert verify_shared_prefix(model, pairs, 0) > 1e-3
     assert choose_layout("auto", [model], pairs, 0) == "separate"
     with pytest.raises(ConfigError, match="pair_layout: shared is not possible: the layouts disagree"):
