@@ -9,17 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from poise.data import SequenceBatch, SharedPairBatch, TokenizedPair, collate_sequences
+from poise.data import SequenceBatch, TokenizedPair, collate_sequences
 from poise.diagnostics.imbalance import step_metrics
-from poise.model.logprobs import TokenLogps, pair_logps
+from poise.model.logprobs import TokenLogps, batch_logps, pair_logps
 from poise.model.reference import adapters_disabled
-from poise.model.shared_prefix import batch_logps, collate_layout
+from poise.model.shared_prefix import collate_layout
 
 
 class PolicyLogps(nn.Module):
@@ -27,7 +27,9 @@ class PolicyLogps(nn.Module):
 
     Wrapping the model this way lets DDP/FSDP see the whole log-prob pass as the module's forward
     (so gradients synchronise), while the engine still applies the output head only to completion
-    positions, chunk by chunk.
+    positions, chunk by chunk. The forward takes the batch itself (any layout; DDP and accelerate pass a
+    dataclass argument through, and the batch is already on the device) and returns the engine's
+    :class:`TokenLogps` (a registered pytree, so DDP and FSDP find its tensors).
     """
 
     def __init__(self, model: nn.Module, *, stats: Sequence[str] = (), chunk_size: int = 1024):
@@ -36,21 +38,14 @@ class PolicyLogps(nn.Module):
         self.stats = tuple(stats)
         self.chunk_size = chunk_size
 
-    def forward(self, input_ids, attention_mask, completion_mask, position_ids=None, segments=None,
-                pred_index=None, targets=None):
-        # the batch travels as tensors (keyword arguments), so DDP can find and move them
-        if segments is not None:
-            batch = SharedPairBatch(input_ids, attention_mask, completion_mask, position_ids, segments,
-                                    pred_index, targets)
-        else:
-            batch = SequenceBatch(input_ids, attention_mask, completion_mask)
-        out = batch_logps(self.model, batch, stats=self.stats, chunk_size=self.chunk_size)
-        return out.logps, out.mask, out.stats
+    def forward(self, batch: SequenceBatch) -> TokenLogps:
+        return batch_logps(self.model, batch, stats=self.stats, chunk_size=self.chunk_size)
 
 
-def run_policy(module, batch) -> TokenLogps:
-    logps, mask, stats = module(**{f.name: getattr(batch, f.name) for f in fields(batch)})
-    return TokenLogps(logps, mask, stats)
+def run_policy(module, batch: SequenceBatch) -> TokenLogps:
+    """Per-token log-probs of ``batch`` under the policy; ``module`` is a :class:`PolicyLogps`, maybe
+    wrapped by DDP/FSDP."""
+    return module(batch)
 
 
 @dataclass
