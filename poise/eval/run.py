@@ -27,6 +27,7 @@ import torch
 
 from poise.data import TokenizedPair, collate_sequences, load_rows, tokenize_rows
 from poise.errors import ConfigError
+from poise.model.generate import generate_ids
 from poise.model.load import load_model, load_tokenizer
 from poise.model.logprobs import batch_logps
 from poise.training.config import load_config
@@ -34,41 +35,6 @@ from poise.training.runlog import MetricAccumulator
 from poise.training.tasks import PolicyLogps, PreferenceTask
 
 log = logging.getLogger("poise")
-
-
-@torch.no_grad()
-def generate_ids(model, tokenizer, prompts: Sequence[tuple[int, ...]], *, max_new_tokens: int,
-                 sample: bool, seed: int, batch_size: int = 16, temperature: float = 1.0) -> list[list[int]]:
-    """Completions (token ids, EOS removed) for each prompt; left-padded batches, deterministic for
-    a seed. ``sample``: draw at ``temperature`` from the full distribution (no top-k or top-p), else
-    greedy."""
-    out: list[list[int]] = []
-    pad = tokenizer.pad_token_id
-    gen = torch.Generator().manual_seed(seed)
-    model.eval()
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, p in enumerate(chunk):
-            ids[r, width - len(p):] = torch.tensor(p)
-            mask[r, width - len(p):] = 1
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-        dev = next(model.parameters()).device
-        res = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
-                             do_sample=sample, temperature=temperature if sample else None, top_p=None, top_k=None,
-                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-        for row in res[:, width:].tolist():
-            out.append(_until_eos(row, tokenizer.eos_token_id, pad))
-    return out
-
-
-def _until_eos(row: list[int], eos: int | None, pad: int | None) -> list[int]:
-    for j, t in enumerate(row):
-        if t == eos:
-            return row[:j]
-    return [t for t in row if t != pad]
 
 
 @torch.no_grad()
@@ -143,9 +109,9 @@ def _generation_metrics(run_dir, cfg, policy, reference, tokenizer, pairs, rows,
     prompts = [p.prompt_ids for p in pairs]
     texts = _prompt_texts([by_index[p.index] for p in pairs])
     kw = dict(max_new_tokens=max_new_tokens, seed=seed)
-    greedy_pol = generate_ids(policy, tokenizer, prompts, sample=False, **kw)
-    greedy_ref = generate_ids(reference, tokenizer, prompts, sample=False, **kw)
-    sampled = generate_ids(policy, tokenizer, prompts, sample=True, **kw)
+    greedy_pol = generate_ids(policy, tokenizer, prompts, **kw)
+    greedy_ref = generate_ids(reference, tokenizer, prompts, **kw)
+    sampled = generate_ids(policy, tokenizer, prompts, temperature=1.0, **kw)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     kl = (completion_logps(policy, prompts, sampled, pad, eos) - completion_logps(reference, prompts, sampled, pad, eos))
     out_pol = [tokenizer.decode(c, skip_special_tokens=True) for c in greedy_pol]

@@ -1,6 +1,7 @@
 """Score a model on the testbed task: generate responses, then gold reward, length and win rates.
 
-* :func:`generate` samples or greedily decodes responses for a list of prompts.
+* :func:`generate` (:func:`poise.model.generate.generate`, the one generation routine) samples or
+  greedily decodes responses for a list of prompts; seeded, it leaves the global RNG as it was.
 * :func:`score` gives the mean gold reward, the exact-match rate and the mean length in words.
 * :func:`win_rate` compares two sets of responses to the same prompts under the gold reward, raw
   and length-controlled (the definitions are in its docstring).
@@ -14,66 +15,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
+from poise.model.generate import generate as generate  # re-exported: the testbed's generation routine
 from poise.testbed.task import gold_answer, gold_reward
 
 #: L2 penalty of the length-controlled fit (on the mean log-loss), which keeps it finite when the
 #: outcomes are separable by length (and when one side wins every comparison).
 LC_L2 = 1e-3
-
-
-@torch.no_grad()
-def generate(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    *,
-    max_new_tokens: int = 8,
-    temperature: float = 0.0,
-    seed: int = 0,
-    batch_size: int = 64,
-) -> list[str]:
-    """One response per prompt: the decoded new tokens, cut at the first EOS.
-
-    ``temperature=0`` decodes greedily; a positive temperature samples (top-k and top-p off), with
-    the torch RNG seeded by ``seed`` inside and restored afterwards, so the same seed, prompts and
-    ``batch_size`` give the same responses. Prompts are left-padded into batches of ``batch_size``.
-    Special tokens are dropped from the text, which otherwise is kept as decoded (testbed responses
-    start with a space, so ``prompt + response`` re-tokenizes as generated).
-    """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    was_training = model.training
-    model.eval()
-    responses: list[str] = []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for start in range(0, len(prompts), batch_size):
-            responses += _generate_batch(model, tokenizer, list(prompts[start : start + batch_size]),
-                                         max_new_tokens, temperature)
-    model.train(was_training)
-    return responses
-
-
-def _generate_batch(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int,
-                    temperature: float) -> list[str]:
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        enc = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
-    finally:
-        tokenizer.padding_side = side
-    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 \
-        else {"do_sample": False}
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, **sampling)
-    texts = []
-    for row in out[:, enc["input_ids"].shape[1]:].tolist():
-        if tokenizer.eos_token_id in row:
-            row = row[: row.index(tokenizer.eos_token_id)]
-        texts.append(tokenizer.decode(row, skip_special_tokens=True))
-    return texts
 
 
 #: A gold reward: (prompt, response) -> a number in [0, 1], 1 exactly for a correct answer.

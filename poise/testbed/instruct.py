@@ -31,6 +31,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from poise.model.generate import generate
 from poise.testbed.evaluate import score as _score
 from poise.testbed.evaluate import win_rate as _win_rate
 from poise.testbed.task import answer_words, parse_prompt, word_reward
@@ -120,26 +121,16 @@ def win_rate(prompts: Sequence[str], responses_a: Sequence[str], responses_b: Se
 # -- preference pairs from the model's own samples ---------------------------------------------------
 
 
-def prompt_ids(tokenizer: Any, text: str) -> tuple[int, ...]:
-    """Token ids of a prompt string as poise's data pipeline makes them (:mod:`poise.data.tokenize`): no
-    special tokens added, except BOS in front when the tokenizer adds one and the text lacks it."""
-    from poise.data.tokenize import _bos_to_add
-
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    bos = _bos_to_add(tokenizer)
-    return tuple(ids if bos is None or ids[:1] == [bos] else [bos, *ids])
-
-
 def sample_replies(model: Any, tokenizer: Any, texts: Sequence[str], *, samples: int, temperature: float,
                    max_new_tokens: int, seed: int = 0, batch_size: int = 32) -> list[list[str]]:
-    """``samples`` replies per prompt string, drawn at ``temperature`` (seeded), decoded without special
+    """``samples`` replies per prompt string, drawn at ``temperature`` (seeded; each prompt repeated
+    ``samples`` times in a row) by :func:`poise.model.generate.generate`, which tokenizes the rendered
+    prompts as the data pipeline does (:func:`poise.model.generate.prompt_ids`), decoded without special
     tokens and stripped of surrounding whitespace."""
-    from poise.eval.run import generate_ids
-
-    ids = [prompt_ids(tokenizer, t) for t in texts for _ in range(samples)]
-    out = generate_ids(model, tokenizer, ids, max_new_tokens=max_new_tokens, sample=True, seed=seed,
-                       batch_size=batch_size, temperature=temperature)
-    replies = [tokenizer.decode(c, skip_special_tokens=True).strip() for c in out]
+    repeated = [t for t in texts for _ in range(samples)]
+    out = generate(model, tokenizer, repeated, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                   batch_size=batch_size)
+    replies = [reply.strip() for reply in out]
     return [replies[k * samples:(k + 1) * samples] for k in range(len(texts))]
 
 

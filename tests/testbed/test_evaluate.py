@@ -1,63 +1,13 @@
-"""Testbed scoring: generation, gold-reward scores and (length-controlled) win rates."""
+"""Testbed scoring: gold-reward scores and (length-controlled) win rates. Generation (the testbed's
+``generate`` is poise.model.generate.generate) is tested in tests/model/test_generate.py."""
 
 import numpy as np
 import pytest
-import torch
 
-from poise.testbed.evaluate import _sigmoid, fit_logistic, generate, score, win_rate
-from poise.testbed.task import build_testbed_model, build_testbed_tokenizer, make_prompts
+from poise.testbed.evaluate import _sigmoid, fit_logistic, score, win_rate
 
 PROMPT = "copy: ant bee cat dog ="  # gold " ant bee cat dog"
 GOLD, HALF, WRONG = " ant bee cat dog", " ant bee", " eel eel eel eel"  # gold rewards 1, 0.5, 0
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_testbed_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return build_testbed_model(tok, seed=0)
-
-
-def test_generate_greedy_returns_strings_deterministically(model, tok):
-    prompts = make_prompts(12, seed=0)
-    out = generate(model, tok, prompts, max_new_tokens=5)
-    assert len(out) == 12 and all(isinstance(text, str) for text in out)
-    assert out == generate(model, tok, prompts, max_new_tokens=5)
-    # left padding: batched greedy decoding equals one prompt at a time
-    assert out == generate(model, tok, prompts, max_new_tokens=5, batch_size=1)
-    assert not model.training
-
-
-def test_generate_sampling_is_seeded(model, tok):
-    prompts = make_prompts(8, seed=1)
-    state = torch.get_rng_state()
-    a = generate(model, tok, prompts, max_new_tokens=6, temperature=1.0, seed=3)
-    assert torch.equal(state, torch.get_rng_state())  # seeded inside, the global RNG is restored
-    assert a == generate(model, tok, prompts, max_new_tokens=6, temperature=1.0, seed=3)
-    assert a != generate(model, tok, prompts, max_new_tokens=6, temperature=1.0, seed=4)
-    with pytest.raises(ValueError):
-        generate(model, tok, prompts, temperature=-1.0)
-
-
-class _FixedModel(torch.nn.Module):
-    """A stand-in whose generate appends fixed token ids to every prompt."""
-
-    def __init__(self, new_ids):
-        super().__init__()
-        self.new_ids = torch.tensor(new_ids)
-        self.device = torch.device("cpu")
-
-    def generate(self, input_ids, attention_mask, **kw):
-        return torch.cat([input_ids, self.new_ids.expand(input_ids.shape[0], -1)], dim=1)
-
-
-def test_generate_cuts_at_eos_and_drops_special_tokens(tok):
-    ant, bee = (tok.convert_tokens_to_ids("Ġ" + w) for w in ("ant", "bee"))
-    fixed = _FixedModel([ant, tok.pad_token_id, bee, tok.eos_token_id, ant])
-    assert generate(fixed, tok, [PROMPT, "sort: ant ram seal ="]) == [" ant bee"] * 2
 
 
 def test_score_by_hand():

@@ -4,6 +4,7 @@ on free-form replies (values worked by hand), scores, pair selection and self-sa
 import pytest
 from helpers import word_model
 
+from poise.model.generate import prompt_ids
 from poise.model.tiny import build_tiny_tokenizer
 from poise.testbed import instruct as I
 from poise.testbed.pairs import best_and_worst
@@ -105,9 +106,9 @@ def test_pair_row_is_best_versus_worst_under_the_gold_reward():
 
 def test_prompt_ids_match_the_data_pipeline(tok):
     text = I.render_prompt(tok, "copy: eel fox =")
-    ids = I.prompt_ids(tok, text)
+    ids = prompt_ids(tok, text)
     assert ids[0] == tok.bos_token_id and ids[1] != tok.bos_token_id  # the template's BOS, not a second
-    assert I.prompt_ids(tok, "Hi") == (tok.bos_token_id, *tok("Hi", add_special_tokens=False)["input_ids"])
+    assert prompt_ids(tok, "Hi") == (tok.bos_token_id, *tok("Hi", add_special_tokens=False)["input_ids"])
 
 
 def test_self_pairs_rows_and_determinism(tok):
