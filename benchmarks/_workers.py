@@ -318,19 +318,20 @@ def run_balancers(spec: dict) -> dict:
     import torch
 
     import poise.training.loop as trainer
-    from poise.training.build import build_setup
-    from poise.training.schedule import Schedule
+    from poise.training.build import build_run
 
     device, total, reps = spec["device"], spec["balancer_steps"], spec.get("balancer_reps", 1)
     with tempfile.TemporaryDirectory(dir=spec["work_dir"]) as tmp:
         cfg = _poise_cfg(spec, "dpo", Path(tmp) / "run", total * reps * len(BALANCER_METHODS))
-        s = build_setup(cfg)
-        sched = Schedule(s.task.lengths, cfg.batch_size, cfg.seed, cfg.epochs, cfg.max_steps)
+        s = build_run(cfg)
+        sched = s.schedule
         engine = s.accelerator.unwrap_model(s.module)
-        objectives = {}
+        objectives, states = {}, {}
         for m in BALANCER_METHODS:
             s.task.objective = objectives[m] = _poise_cfg(spec, m, Path(tmp) / m, 1).build_objective()
-            trainer._calibrate(s, sched)
+            s.state = s.task.init_state()
+            trainer.calibrate(s)
+            states[m] = s.state
         times = {m: [[] for _ in range(total)] for m in BALANCER_METHODS}
         cpu = {m: [[] for _ in range(total)] for m in BALANCER_METHODS}
         tokens = []
@@ -343,7 +344,7 @@ def run_balancers(spec: dict) -> dict:
                 order = methods[turn % len(methods):] + methods[:turn % len(methods)]
                 turn += 1
                 for m in order:
-                    s.task.objective = objectives[m]
+                    s.task.objective, s.state = objectives[m], states[m]
                     engine.stats = tuple(sorted(objectives[m].needs_stats))
                     t0, c0 = now(device), cpu_now()
                     out = trainer.train_step(s, batch)

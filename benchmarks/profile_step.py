@@ -67,11 +67,11 @@ def poise_phases(spec, batches, repeats):
 
     import poise.training.loop as trainer
     import poise.training.tasks as tasks
-    from poise.training.build import build_setup
+    from poise.training.build import build_run
 
     tmp = tempfile.mkdtemp(dir=spec["work_dir"])
     cfg = _poise_cfg(spec, "dpo", Path(tmp) / "run", 10**6)
-    s = build_setup(cfg)
+    s = build_run(cfg)
     ph = Phases()
     task = s.task
     task.collate = ph.wrap("collate", task.collate)

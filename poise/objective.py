@@ -4,6 +4,13 @@
     out = obj(pair_logps)           # PairLogps of a batch
     out.loss.backward()             # exactly the balanced gradient of the spec
 
+Balancers with state (Gate-DPO's calibrated threshold) keep it explicit, as optax does: the state is
+created, passed and returned, and the forward never changes it::
+
+    state = obj.init_state()
+    state = obj.calibrate(state, first_batch)   # a step of its own, under the initial policy
+    out = obj(batch, state=state)
+
 Hyperparameters are flat keywords (spec section 9); each belongs to exactly one loss or balancer, and
 one that the chosen loss and balancers do not take is an error when the objective is built.
 """
@@ -16,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from poise.balance import BALANCERS, apply_scales
+from poise.balance import BALANCERS, Balancer, apply_scales
 from poise.errors import ConfigError
 from poise.losses import LOSSES, LossSpec, Terms
 from poise.params import NLL_WEIGHT, Param, suggest
@@ -129,25 +136,28 @@ class Objective:
                                      f"{side}_stats={{{stat!r}: (B, T) tensor}} (the log-prob engine computes "
                                      f"it with stats=[{stat!r}]).")
 
-    def __call__(self, batch: PairLogps, *, num_pairs: float | None = None,
+    def __call__(self, batch: PairLogps, state: dict[str, Any] | None = None, *, num_pairs: float | None = None,
                  num_chosen_tokens: float | None = None) -> ObjectiveOutput:
-        """Loss, per-pair losses and metrics of one batch.
+        """Loss, per-pair losses and metrics of one batch. Pure: ``state`` is read, never changed.
 
         Args:
             batch: per-token log-probs of B pairs.
+            state: the balancers' state (:meth:`init_state`, :meth:`calibrate`); default a new one, which
+                is an error for a balancer that must be calibrated first (``gate_tau: auto``).
             num_pairs: pairs of the whole optimizer step (all micro-batches and ranks), when the loss
                 is to be a share of a step-level mean; default B.
             num_chosen_tokens: chosen tokens of the whole step, the denominator of batch-level NLL
                 terms (CPO, ORPO, nll_weight); default this batch's.
         """
         self._check(batch)
+        state = self.init_state() if state is None else state
         seq = PairSeq.build(batch, read_reference=self.needs_reference)
         with torch.no_grad():
             rewards = tuple(r.detach() for r in self.loss_spec.rewards(seq, self.loss_hp))
         t_w, t_l = self.loss_spec.terms(seq)  # (B,) each
         scales, metrics = [], {}
         for b in self.balancers:
-            s, m = b.scales(seq, rewards)
+            s, m = b.scales(state.get(b.name, {}), seq, rewards)
             scales += s
             metrics.update(m)
         t_w, t_l = apply_scales(t_w, t_l, scales)
@@ -162,32 +172,63 @@ class Objective:
         metrics.update(_base_metrics(seq, rewards, per_pair, batch))
         return ObjectiveOutput(loss=loss, per_pair=per_pair, metrics=metrics)
 
-    # -- state: calibration of gate_tau="auto" and anything else a balancer keeps --------------------
-    @property
-    def needs_calibration(self) -> bool:
-        return any(not getattr(b, "calibrated", True) for b in self.balancers)
+    # -- explicit state (optax style): created, passed, returned; the forward never changes it ------------
+    def init_state(self) -> dict[str, Any]:
+        """A new state: one entry per balancer that keeps one (e.g. ``{"gate": {"tau": None, ...}}``)."""
+        return {b.name: st for b in self.balancers if (st := b.init_state())}
 
-    def calibrate(self, batch: PairLogps, gather: Callable[[Tensor], Tensor] | None = None) -> None:
-        """Feed a batch under the initial policy to balancers that calibrate (gate_tau="auto").
-        ``gather`` (e.g. ``accelerator.gather``) collects the statistic from every rank first."""
+    def needs_calibration(self, state: dict[str, Any] | None = None) -> bool:
+        """Whether ``state`` (default: a new one) must be calibrated before the objective can use it."""
+        state = self.init_state() if state is None else state
+        return any(b.needs_calibration(state[b.name]) for b in self._stateful())
+
+    def calibration_stats(self, batch: PairLogps) -> dict[str, Tensor]:
+        """Per-pair statistics (B,) that calibration reads, by balancer; they never read the reference."""
         seq = PairSeq.build(batch, read_reference=False)
-        for b in self.balancers:
-            if not getattr(b, "calibrated", True):
-                phat = b.phat(seq)
-                b.calibrate(gather(phat) if gather else phat)
+        with torch.no_grad():
+            return {b.name: stat for b in self.balancers if (stat := b.calibration_stat(seq)) is not None}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {b.name: b.state_dict() for b in self.balancers if b.state_dict()}
+    def calibrate(self, state: dict[str, Any], batch: PairLogps | dict[str, Tensor],
+                  gather: Callable[[Tensor], Tensor] | None = None) -> dict[str, Any]:
+        """A new state with a batch of training pairs under the initial policy taken into account.
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved; a state for another set of balancers is an error."""
-        expected = set(self.state_dict())
+        Args:
+            state: the current state (unchanged).
+            batch: the pairs' log-probs, or their :meth:`calibration_stats` (already gathered).
+            gather: collects a statistic from every rank first (e.g. ``accelerator.gather``).
+        """
+        stats = self.calibration_stats(batch) if isinstance(batch, PairLogps) else batch
+        new = dict(state)
+        for b in self._stateful():
+            if b.name in stats and b.needs_calibration(state[b.name]):
+                stat = gather(stats[b.name]) if gather else stats[b.name]
+                new[b.name] = b.calibrate(state[b.name], stat)
+        return new
+
+    def finish_calibration(self, state: dict[str, Any]) -> dict[str, Any]:
+        """A calibrated state from the pairs seen so far: for a run with fewer pairs than a balancer's
+        calibration asks for. No pairs at all is a :class:`ConfigError` that names the key."""
+        return {**state, **{b.name: b.finish_calibration(state[b.name]) for b in self._stateful()}}
+
+    def calibrated_values(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Hyperparameters that calibration decided (``{"gate_tau": 0.0123}``): written into the run's
+        resolved config, so that anything rebuilding the objective from it never recalibrates."""
+        out: dict[str, Any] = {}
+        for b in self._stateful():
+            out.update(b.calibrated_values(state[b.name]))
+        return out
+
+    def check_state(self, state: dict[str, Any]) -> None:
+        """Raise ValueError when ``state`` was not made for this objective (another method's)."""
+        expected = {b.name for b in self._stateful()}
         if set(state) != expected:
             raise ValueError(f"objective state has entries for {sorted(state)} but {self.name!r} keeps state "
                              f"for {sorted(expected)}; was it saved by another method?")
-        for b in self.balancers:
-            if b.name in state:
-                b.load_state_dict(state[b.name])
+        for b in self._stateful():
+            b.check_state(state[b.name])
+
+    def _stateful(self) -> list[Balancer]:
+        return [b for b in self.balancers if b.init_state()]
 
 
 def _base_metrics(seq: PairSeq, rewards: tuple[Tensor, Tensor], per_pair: Tensor,
@@ -206,12 +247,23 @@ def _base_metrics(seq: PairSeq, rewards: tuple[Tensor, Tensor], per_pair: Tensor
         }
 
 
+def resolve_method(method: str, balance: str | Sequence[str] | None = (), **hyperparameters: Any) -> Objective:
+    """The one place a method name becomes an objective: a preset (``adadpo``: a loss plus balancers) or
+    a base loss, plus any extra ``balance`` (added after the preset's own, each once), with the
+    hyperparameters. The config, the command line, the Python API and the TRL integration all call it.
+    """
+    extra = (balance,) if isinstance(balance, str) else tuple(balance or ())
+    if method in PRESETS:
+        p = PRESETS[method]
+        loss, names = p.loss, list(p.balance) + [b for b in extra if b not in p.balance]
+    elif method in LOSSES:
+        loss, names = method, list(extra)
+    else:
+        raise ConfigError(f"unknown method {method!r}; presets: {', '.join(PRESETS)}; losses: "
+                          f"{', '.join(LOSSES)}.{suggest(method, list(PRESETS) + list(LOSSES))}")
+    return Objective(loss=loss, balance=names, **hyperparameters)
+
+
 def objective(name: str, **hyperparameters: Any) -> Objective:
     """A preset (``adadpo``, ``gate-dpo``, ``balanced-dpo``, ...) or a plain loss name, with overrides."""
-    if name in PRESETS:
-        p = PRESETS[name]
-        return Objective(loss=p.loss, balance=p.balance, **hyperparameters)
-    if name in LOSSES:
-        return Objective(loss=name, **hyperparameters)
-    raise ConfigError(f"unknown method {name!r}; presets: {', '.join(PRESETS)}; losses: {', '.join(LOSSES)}."
-                      f"{suggest(name, list(PRESETS) + list(LOSSES))}")
+    return resolve_method(name, **hyperparameters)

@@ -20,14 +20,37 @@ def masked_sum(x: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum(-1)
 
 
-def log1mexp(a: Tensor) -> Tensor:
-    """log(1 - exp(a)) for a < 0, stable on both sides of -ln 2 (Maechler, 2012).
+_LN2 = 0.6931471805599453
 
-    Values are clamped to a <= -1e-6 so that a sequence of certainty (a = 0) gives a large finite
-    negative number instead of -inf.
+
+def log1mexp(a: Tensor) -> Tensor:
+    """log(1 - exp(a)) for a < 0, stable on both sides of -ln 2 (Maechler, 2012), value and gradient.
+
+    Exact for every a < 0 that the dtype can tell from zero: only |a| below the smallest normal number
+    (a = 0, a sequence of certainty, whose true value is -inf) is held at that number, which keeps the
+    result finite (about -87 in float32) without moving any other value. Each branch is evaluated on
+    inputs where it is finite, so that the branch not taken cannot put a NaN into the gradient.
     """
-    a = a.clamp(max=-1e-6)
-    return torch.where(a > -0.6931471805599453, torch.log(-torch.expm1(a)), torch.log1p(-torch.exp(a)))
+    a = a.clamp(max=-torch.finfo(a.dtype).tiny)
+    near = a > -_LN2
+    safe = torch.full((), -1.0, dtype=a.dtype, device=a.device)
+    a_near = torch.where(near, a, safe)
+    a_far = torch.where(near, safe, a)
+    return torch.where(near, torch.log(-torch.expm1(a_near)), torch.log1p(-torch.exp(a_far)))
+
+
+def logit_grad_sq(logp: Tensor, sum_p2: Tensor) -> Tensor:
+    """||e_y - softmax(z)||^2 = 1 - 2 p_y + sum_j p_j^2 per token, from log p_y and sum_j p_j^2 (spec 2).
+
+    Computed in float64 as (1 - p_y)^2 + (sum_j p_j^2 - p_y^2), with 1 - p_y = -expm1(log p_y): the
+    literal form cancels when p_y is close to 1 (in float32 it is then rounding noise), this one does
+    not. Detached; float64; clamped at 0 (the second term is rounding noise when no other token has
+    mass).
+    """
+    lp = logp.detach().double()
+    p = torch.exp(lp)
+    one_minus_p = -torch.expm1(lp)
+    return (one_minus_p.square() + (sum_p2.detach().double() - p.square())).clamp(min=0)
 
 
 def masked_quantile(x: Tensor, mask: Tensor, q: float) -> Tensor:

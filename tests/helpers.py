@@ -165,13 +165,25 @@ def without(batch: PairLogps, *, ref: bool = False, stats: bool = False) -> Pair
     return b
 
 
+def call(objective, batch: PairLogps, state=None, **kw):
+    """``objective(batch, state)`` with the explicit state an objective needs: the one given, else a new
+    one, calibrated on this batch first when a balancer asks for calibration (gate_tau: auto; the
+    batch's first gate_calibration_pairs pairs, or all of them)."""
+    if state is not None:
+        return objective(batch, state, **kw)
+    state = objective.init_state()
+    if objective.needs_calibration(state):
+        state = objective.finish_calibration(objective.calibrate(state, batch))
+    return objective(batch, state, **kw)
+
+
 def loss_and_grads(objective, batch: PairLogps, **kw):
-    """Call ``objective(batch)``, backpropagate ``loss`` and return (output, grad_chosen,
+    """:func:`call` the objective, backpropagate ``loss`` and return (output, grad_chosen,
     grad_rejected). ``batch.chosen``/``rejected`` must be leaves that require grad; their ``.grad``
     is reset first. A side that does not reach the loss gets a zero gradient."""
     for t in (batch.chosen, batch.rejected):
         t.grad = None
-    out = objective(batch, **kw)
+    out = call(objective, batch, **kw)
     out.loss.backward()
     g_w = batch.chosen.grad if batch.chosen.grad is not None else torch.zeros_like(batch.chosen)
     g_l = batch.rejected.grad if batch.rejected.grad is not None else torch.zeros_like(batch.rejected)

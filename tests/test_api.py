@@ -102,9 +102,15 @@ def test_evaluate_a_run(finished_run):
 
 def test_model_card_of_a_finished_run_loads_and_its_snippet_runs(finished_run):
     res, _ = finished_run
-    cfg = resolve_config(res.run_dir / "config.yaml")
+    written = (res.run_dir / "model" / "README.md").read_text()  # the card the run wrote
+    state = json.loads(sorted((res.run_dir / "checkpoints").glob("step-*"))[-1].joinpath("trainer_state.json")
+                       .read_text())["objective"]
+    tau = state["gate"]["tau"]
+    assert f"gate_tau` | auto (calibrated: {tau:.6g})" in written
+    cfg = resolve_config(res.run_dir / "config.yaml")  # the resolved config holds the calibrated tau itself
+    assert cfg.hyperparameters["gate_tau"] == tau
     card = write_model_card(res.run_dir, cfg, res.metrics).read_text()
-    assert "(8 preference pairs)" in card and "gate_tau` | auto (calibrated:" in card
+    assert "(8 preference pairs)" in card and f"gate_tau` | {tau:.4g}" in card
     snippet = card.split("## Use")[1].split("```python\n")[1].split("```")[0]
     exec(compile(snippet.replace("max_new_tokens=64", "max_new_tokens=3"), "card", "exec"), {})
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import io
 import itertools
+import json
 import math
 from dataclasses import dataclass, replace
 from typing import Any
@@ -26,7 +27,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import fresh, loss_and_grads, make_batch, pad_batch, without
+from helpers import call, fresh, loss_and_grads, make_batch, pad_batch, without
 from torch.testing import assert_close
 
 import poise
@@ -250,7 +251,7 @@ def test_build_refuses_exactly_the_documented_combinations(combo):
 def test_shapes_and_normalisation(combo):
     for B in (4, 1):
         batch = batch_for(combo, B=B, seed=1)
-        out = combo.build()(fresh(batch))
+        out = call(combo.build(), fresh(batch))
         assert out.loss.dim() == 0
         assert out.per_pair.shape == (B,)
         assert out.loss.dtype == out.per_pair.dtype == torch.float64
@@ -260,19 +261,19 @@ def test_shapes_and_normalisation(combo):
     batch = batch_for(combo, seed=1)
     n_tok = float(batch.chosen_mask.sum())
     kw = dict(num_pairs=10, num_chosen_tokens=17.0)
-    out = combo.build()(fresh(batch), **kw)
+    out = call(combo.build(), fresh(batch), **kw)
     assert_close(out.loss, out.per_pair.sum() / 10, rtol=1e-12, atol=1e-12)
-    out_default = combo.build()(fresh(batch))
+    out_default = call(combo.build(), fresh(batch))
     nll = combo.build().nll_weight
     if nll == 0:  # no batch-level term: per_pair does not depend on the normalisation
         assert_close(out.per_pair, out_default.per_pair, rtol=1e-12, atol=1e-12)
 
     # nll_weight adds the chosen token-mean NLL of the whole step (batch-level, spec section 3)
-    out_nll = combo.build(nll_weight=0.5)(fresh(batch), **kw)
+    out_nll = call(combo.build(nll_weight=0.5), fresh(batch), **kw)
     S_w = torch.where(batch.chosen_mask, batch.chosen.detach(), 0.0).sum(-1)
     assert_close(out_nll.loss - out.loss, 0.5 * -S_w.sum() / 17.0, rtol=1e-10, atol=1e-12)
     assert_close(out_nll.per_pair - out.per_pair, 0.5 * -S_w * 10 / 17.0, rtol=1e-10, atol=1e-12)
-    out_nll_default = combo.build(nll_weight=0.5)(fresh(batch))
+    out_nll_default = call(combo.build(nll_weight=0.5), fresh(batch))
     assert_close(out_nll_default.loss - out_default.loss, 0.5 * -S_w.sum() / n_tok, rtol=1e-10, atol=1e-12)
 
 
@@ -418,7 +419,7 @@ def test_reference_free_never_reads_the_reference(combo):
     out0, gw0, gl0 = loss_and_grads(combo.build(), without(batch, ref=True))
     trapped = TrappedRef.of(batch)
     obj = combo.build()
-    obj.calibrate(trapped)
+    obj.calibrate(obj.init_state(), trapped)  # calibration never reads the reference either
     out1, gw1, gl1 = loss_and_grads(combo.build(), trapped)
     assert torch.equal(out1.loss, out0.loss)
     assert torch.equal(out1.per_pair, out0.per_pair)
@@ -437,8 +438,8 @@ def test_reference_free_never_reads_the_reference(combo):
 @pytest.mark.parametrize("loss", sorted(LOSSES))
 def test_gate_calibration_never_reads_the_reference(loss):
     obj = Objective(loss=loss, balance=["gate"], gate_calibration_pairs=3)
-    obj.calibrate(TrappedRef.of(make_batch()))
-    assert not obj.needs_calibration
+    state = obj.calibrate(obj.init_state(), TrappedRef.of(make_batch()))
+    assert not obj.needs_calibration(state)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -460,7 +461,7 @@ def expected_metric_keys(combo: Combo, calibrated: bool) -> set[str]:
 @pytest.mark.parametrize("combo", _params(VALID))
 def test_metrics(combo):
     batch = batch_for(combo, seed=5)
-    out = combo.build()(fresh(batch))
+    out = call(combo.build(), fresh(batch))
     missing = expected_metric_keys(combo, calibrated=True) - set(out.metrics)
     assert not missing, f"missing metrics {sorted(missing)}"
     for k, v in out.metrics.items():
@@ -470,7 +471,6 @@ def test_metrics(combo):
         assert torch.isfinite(v), f"{k} = {v}"
     assert_close(out.metrics["loss"], out.loss.detach())
     if "gate" in combo.balance:
-        assert float(out.metrics["gate/calibrating"]) == 0.0
         lo, hi = float(out.metrics["gate/min"]), float(out.metrics["gate/max"])
         assert 0.0 <= lo <= float(out.metrics["gate/mean"]) <= hi <= 1.0
     if "ada" in combo.balance:
@@ -531,8 +531,9 @@ def test_no_gradient_through_reference_stats_or_coefficients(combo):
     obj = combo.build()
     seq = PairSeq.build(fresh(batch), read_reference=obj.needs_reference)
     rewards = tuple(r.detach() for r in obj.loss_spec.rewards(seq, obj.loss_hp))
+    state = obj.finish_calibration(obj.calibrate(obj.init_state(), fresh(batch)))
     for bal in obj.balancers:
-        for s in bal.scales(seq, rewards)[0]:
+        for s in bal.scales(state.get(bal.name, {}), seq, rewards)[0]:
             for c in (s.chosen, s.rejected):
                 assert c is None or not c.requires_grad, f"{bal.name} coefficient carries a gradient"
 
@@ -836,7 +837,7 @@ def test_presets_equal_their_composition(name):
     a = poise.objective(name)
     b = Objective(loss=p.loss, balance=list(p.balance))
     assert a.hyperparameters == b.hyperparameters
-    assert torch.equal(a(fresh(batch)).loss, b(fresh(batch)).loss)
+    assert torch.equal(call(a, fresh(batch)).loss, call(b, fresh(batch)).loss)
 
 
 @pytest.mark.parametrize("loss", sorted(LOSSES))
@@ -856,20 +857,20 @@ def test_missing_reference_or_statistics_is_a_clear_error(combo):
     obj = combo.build()
     if combo.needs_reference:
         with pytest.raises(ValueError, match="ref"):
-            obj(without(batch, ref=True))
+            call(obj, without(batch, ref=True))
     else:
-        assert torch.isfinite(obj(without(batch, ref=True)).loss)
+        assert torch.isfinite(call(obj, without(batch, ref=True)).loss)
     if combo.needs_stats:
         with pytest.raises(ValueError, match="sum_p2"):
-            obj(without(batch, stats=True))
+            call(obj, without(batch, stats=True))
         other = replace(fresh(batch), chosen_stats={"entropy": batch.chosen_stats["sum_p2"]})
         with pytest.raises(ValueError, match="sum_p2"):
-            obj(other)
+            call(obj, other)
         other = replace(fresh(batch), rejected_stats={})
         with pytest.raises(ValueError, match="sum_p2"):
-            obj(other)
+            call(obj, other)
     else:
-        assert torch.isfinite(obj(without(batch, stats=True)).loss)
+        assert torch.isfinite(call(obj, without(batch, stats=True)).loss)
 
 
 def test_pairlogps_validates_shapes():
@@ -911,82 +912,97 @@ def test_calibrate_uses_exactly_the_first_pairs(estimator, quantile):
     if quantile != 0.25:
         kw["gate_calibration_quantile"] = quantile
     obj = Objective(loss="dpo", balance=["gate"], **kw)
-    assert obj.needs_calibration
+    state = obj.init_state()
+    assert obj.needs_calibration(state)
     batches = [make_batch(B=4, seed=20 + i, T_l=7) for i in range(4)]
     phats = torch.cat([_phat(b, estimator) for b in batches])
     for i, b in enumerate(batches):
-        obj.calibrate(b)
-        assert obj.needs_calibration == (4 * (i + 1) < N)
-    tau = _gate(obj).tau
+        state = obj.calibrate(state, b)
+        assert obj.needs_calibration(state) == (4 * (i + 1) < N)
+    tau = state["gate"]["tau"]
     assert tau == pytest.approx(float(torch.quantile(phats[:N], quantile)), rel=1e-12)
     assert tau != pytest.approx(float(torch.quantile(phats[:N + 2], quantile)), rel=1e-9)
     # calibration happens once
-    obj.calibrate(make_batch(B=4, seed=99))
-    assert _gate(obj).tau == tau
-    out = obj(make_batch(seed=1))
+    assert obj.calibrate(state, make_batch(B=4, seed=99))["gate"]["tau"] == tau
+    out = obj(make_batch(seed=1), state)
     assert float(out.metrics["gate/tau"]) == pytest.approx(tau, rel=1e-6)
     assert float(out.metrics["gate/sharpness"]) == pytest.approx(4 / tau, rel=1e-6)
+    assert obj.calibrated_values(state) == {"gate_tau": tau}
 
 
-def test_calibrate_with_gather_and_during_training():
+def test_the_forward_never_calibrates_and_an_uncalibrated_gate_is_an_error():
     batches = [make_batch(B=4, seed=30 + i) for i in range(3)]
     phats = torch.cat([_phat(b) for b in batches])
-    # objective calls calibrate an uncalibrated gate on the fly; the gate is open until it is done
     obj = Objective(loss="dpo", balance=["gate"], gate_calibration_pairs=6)
-    base = Objective(loss="dpo")
-    out0, gw0, gl0 = loss_and_grads(obj, fresh(batches[0]))
-    _, bw0, bl0 = loss_and_grads(base, fresh(batches[0]))
-    assert float(out0.metrics["gate/calibrating"]) == 1.0 and "gate/tau" not in out0.metrics
-    assert torch.equal(gw0, bw0) and torch.equal(gl0, bl0), "an uncalibrated gate must be open (g = 1)"
-    obj(fresh(batches[1]))
-    assert _gate(obj).tau == pytest.approx(float(torch.quantile(phats[:6], 0.25)), rel=1e-12)
+    state = obj.init_state()
+    with pytest.raises(ValueError, match="not calibrated"):
+        obj(fresh(batches[0]), state)
+    with pytest.raises(ValueError, match="not calibrated"):
+        obj(fresh(batches[0]))  # no state: a new one, uncalibrated, never silently open
+    s1 = obj.calibrate(state, fresh(batches[0]))
+    assert state == {"gate": {"tau": None, "seen": []}}, "calibrate returns a new state, it never mutates"
+    s2 = obj.calibrate(s1, fresh(batches[1]))
+    assert s1["gate"]["tau"] is None and len(s1["gate"]["seen"]) == 4
+    assert s2["gate"]["tau"] == pytest.approx(float(torch.quantile(phats[:6], 0.25)), rel=1e-12)
+    before = copy.deepcopy(s2)
+    obj(fresh(batches[2]), s2)
+    assert s2 == before, "the forward never changes the state"
     # gather: every rank's phat counts
     obj2 = Objective(loss="dpo", balance=["gate"], gate_calibration_pairs=8)
-    obj2.calibrate(batches[0], gather=lambda t: torch.cat([t, t.flip(0)]))
+    s = obj2.calibrate(obj2.init_state(), batches[0], gather=lambda t: torch.cat([t, t.flip(0)]))
     p = _phat(batches[0])
-    assert _gate(obj2).tau == pytest.approx(float(torch.quantile(torch.cat([p, p.flip(0)]), 0.25)), rel=1e-12)
+    assert s["gate"]["tau"] == pytest.approx(float(torch.quantile(torch.cat([p, p.flip(0)]), 0.25)), rel=1e-12)
 
 
-def test_gate_state_dict_roundtrip():
+def test_fewer_pairs_than_asked_calibrate_on_all_of_them_and_none_is_an_error():
+    obj = Objective(loss="dpo", balance=["gate"], gate_calibration_pairs=256)
+    b = make_batch(B=4, seed=50)
+    state = obj.calibrate(obj.init_state(), b)
+    assert obj.needs_calibration(state)
+    done = obj.finish_calibration(state)
+    assert done["gate"]["tau"] == pytest.approx(float(torch.quantile(_phat(b), 0.25)), rel=1e-12)
+    with pytest.raises(ConfigError, match="gate_calibration_pairs"):
+        obj.finish_calibration(obj.init_state())
+
+
+def test_gate_state_roundtrip():
     kw = dict(gate_calibration_pairs=10)
     batches = [make_batch(B=4, seed=40 + i) for i in range(3)]
     a = Objective(loss="dpo", balance=["gate"], **kw)
-    a.calibrate(batches[0])  # 4 of 10 pairs seen: partial state
-    partial = copy.deepcopy(a.state_dict())
-    a.calibrate(batches[1])
-    a.calibrate(batches[2])
-    state = a.state_dict()
-    assert state["gate"]["tau"] == _gate(a).tau
+    partial = a.calibrate(a.init_state(), batches[0])  # 4 of 10 pairs seen: partial state
+    state = a.calibrate(a.calibrate(partial, batches[1]), batches[2])
+    assert not a.needs_calibration(state)
 
-    buf = io.BytesIO()  # survives a checkpoint
+    buf = io.BytesIO()  # survives a checkpoint (torch, weights_only) and JSON alike
     torch.save(state, buf)
     buf.seek(0)
     loaded = torch.load(buf, weights_only=True)
+    assert json.loads(json.dumps(state)) == state
     b = Objective(loss="dpo", balance=["gate"], **kw)
-    assert b.needs_calibration
-    b.load_state_dict(loaded)
-    assert not b.needs_calibration
-    assert _gate(b).tau == _gate(a).tau
+    assert b.needs_calibration(b.init_state())
+    b.check_state(loaded)
+    assert not b.needs_calibration(loaded)
     x = make_batch(seed=41)
-    out_a, ga_w, ga_l = loss_and_grads(a, fresh(x))
-    out_b, gb_w, gb_l = loss_and_grads(b, fresh(x))
+    out_a, ga_w, ga_l = loss_and_grads(a, fresh(x), state=state)
+    out_b, gb_w, gb_l = loss_and_grads(b, fresh(x), state=loaded)
     assert torch.equal(out_a.loss, out_b.loss) and torch.equal(ga_l, gb_l)
     _same_metrics(out_a.metrics, out_b.metrics, rtol=0, atol=0)
 
     # a partial calibration resumes where it stopped
     c = Objective(loss="dpo", balance=["gate"], **kw)
-    c.load_state_dict(partial)
-    assert c.needs_calibration
-    c.calibrate(batches[1])
-    c.calibrate(batches[2])
-    assert _gate(c).tau == _gate(a).tau
+    resumed = c.calibrate(c.calibrate(json.loads(json.dumps(partial)), batches[1]), batches[2])
+    assert resumed["gate"]["tau"] == state["gate"]["tau"]
+    with pytest.raises(ValueError, match="another method"):
+        Objective(loss="dpo", balance=["ada"]).check_state(state)
 
 
 def test_stateless_balancers_have_empty_state():
     obj = Objective(loss="dpo", balance=["ada", "balanced"])
-    assert obj.state_dict() == {}
-    obj.load_state_dict({})
+    assert obj.init_state() == {}
+    obj.check_state({})
+    assert not obj.needs_calibration({})
     numeric = Objective(loss="dpo", balance=["gate"], gate_tau=0.2)
-    assert not numeric.needs_calibration
-    numeric.calibrate(make_batch())
-    assert _gate(numeric).tau == 0.2
+    state = numeric.init_state()
+    assert not numeric.needs_calibration(state)
+    assert numeric.calibrate(state, make_batch())["gate"]["tau"] == 0.2
+    assert numeric.calibrated_values(state) == {}  # nothing was calibrated: the config already says 0.2

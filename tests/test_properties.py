@@ -21,6 +21,7 @@ from torch.testing import assert_close
 
 from poise import ConfigError, Objective, PairLogps
 from poise.balance import BALANCERS
+from poise.balance.ada import TOKEN_FORM_ONLY
 from poise.losses import LOSSES
 
 LOSS_NAMES = sorted(LOSSES)
@@ -76,7 +77,7 @@ def batches(draw, *, low=LOWS, ref=REFS, dtype=torch.float64):
 def _ada(draw, loss: str) -> dict:
     ref_ok = LOSSES[loss].needs_reference
     hp = {
-        "ada_form": draw(st.sampled_from(["token", "sequence"] if LOSSES[loss].ada_sequence_form else ["token"])),
+        "ada_form": draw(st.sampled_from(["token"] if loss in TOKEN_FORM_ONLY else ["token", "sequence"])),
         "ada_space": draw(st.sampled_from(["policy", "reference"] if ref_ok else ["policy"])),
         "ada_clip": draw(st.sampled_from([None, 1.5, 2.0, 5.0])),
         "ada_alpha_w": draw(st.sampled_from([1.0, 0.5, 0.0, 1.3])),

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from poise.balance.base import Balancer, Scale
-from poise.ops import LOG_COEF_LIMIT, bounded_exp
+from poise.ops import LOG_COEF_LIMIT, bounded_exp, log1mexp
 from poise.params import Param
 from poise.seq import PairSeq
 
@@ -43,6 +43,23 @@ ADA_PARAMS = (
 )
 
 
+def _orpo_log_ratio(seq: PairSeq) -> Tensor:
+    """log kappa for ORPO: log[P_w(1-P_w) / (P_l(1-P_l))] with P = exp(A) (spec section 5)."""
+    return seq.A_w - seq.A_l + log1mexp(seq.A_w) - log1mexp(seq.A_l)
+
+
+# AdaDPO's constructions for the other losses (spec section 5, table). They live here, not in the loss
+# table: a loss knows nothing of the balancers composed with it. Any loss not named below gets the
+# DPO construction (kappa from A_w - A_l, applied as forward scaling of the chosen term).
+#: Losses whose chosen term is a regression target (IPO, Cal-DPO): kappa is applied gradient-only, so
+#: that the target the term is regressed onto does not move.
+GRADIENT_ONLY = frozenset({"ipo", "caldpo"})
+#: Token-form log kappa where it is not A_w - A_l.
+LOG_RATIO = {"orpo": _orpo_log_ratio}
+#: Losses for which only the token form is defined (ORPO's odds are of the mean token probability).
+TOKEN_FORM_ONLY = frozenset({"orpo"})
+
+
 class Ada(Balancer):
     name = "ada"
     params = ADA_PARAMS
@@ -54,7 +71,7 @@ class Ada(Balancer):
         if hp["ada_space"] == "reference" and not loss.needs_reference:
             raise self._refuse("ada_space='reference' needs log-ratios, and this loss is reference-free. "
                                "Use ada_space='policy'.")
-        if hp["ada_form"] == "sequence" and not loss.ada_sequence_form:
+        if hp["ada_form"] == "sequence" and loss.name in TOKEN_FORM_ONLY:
             raise self._refuse("its odds are defined on the mean token probability, so only "
                                "ada_form='token' is defined.")
         clip, floor = hp["ada_clip"], hp["ada_floor"]
@@ -73,12 +90,12 @@ class Ada(Balancer):
         if self.hp["ada_space"] == "reference":
             d = seq.hbar_w - seq.hbar_l if token else seq.h_w - seq.h_l
         elif token:
-            d = self.loss.ada_log_ratio(seq) if self.loss.ada_log_ratio else seq.A_w - seq.A_l
+            d = LOG_RATIO[self.loss.name](seq) if self.loss.name in LOG_RATIO else seq.A_w - seq.A_l
         else:
             d = seq.S_w - seq.S_l
         return d.detach()
 
-    def scales(self, seq, rewards):
+    def scales(self, state, seq, rewards):
         hp = self.hp
         with torch.no_grad():
             d = self.log_ratio(seq)  # (B,)
@@ -97,4 +114,5 @@ class Ada(Balancer):
             }
             if hp["ada_alpha_l"] != 0:
                 metrics["balance/kappa_rejected_mean"] = c_l.mean()
-        return [Scale(self.loss.ada_apply, chosen=c_w, rejected=c_l)], metrics
+        mode = "gradient" if self.loss.name in GRADIENT_ONLY else "forward"
+        return [Scale(mode, chosen=c_w, rejected=c_l)], metrics

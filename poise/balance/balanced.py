@@ -20,9 +20,8 @@ import torch
 from torch import Tensor
 
 from poise.balance.base import Balancer, Scale
-from poise.ops import log1mexp, masked_sum, upcast
+from poise.ops import logit_grad_sq, masked_sum
 from poise.params import Param
-from poise.seq import PairSeq
 
 BALANCED_PARAMS = (
     Param("balanced_variant", "norm", "'norm': equalise the logit-space gradient norms of the chosen and "
@@ -32,21 +31,9 @@ BALANCED_PARAMS = (
 
 
 def _logit_grad_norm(lp: Tensor, mask: Tensor, sum_p2: Tensor) -> Tensor:
-    """(B,) sqrt(sum_t ||e_y - p_t||^2) = ||d S / d logits|| over the masked tokens (spec section 2)."""
-    p = torch.exp(upcast(lp).detach())
-    sq = masked_sum(1 - 2 * p + upcast(sum_p2).detach().to(p.dtype), mask)
-    return sq.clamp(min=0).sqrt()
-
-
-def _term_factor(term: str, seq: PairSeq, side: str) -> Tensor | float:
-    """|d term / d S| for one side: 1 for h and S, 1/|y| for A and hbar, 1/(|y|(1-P)) for log-odds."""
-    n = seq.n_w if side == "w" else seq.n_l
-    if term in ("h", "S"):
-        return 1.0
-    if term in ("A", "hbar"):
-        return 1.0 / n
-    a = (seq.A_w if side == "w" else seq.A_l).detach()
-    return torch.exp(-log1mexp(a)) / n
+    """(B,) sqrt(sum_t ||e_y - p_t||^2) = ||d S / d logits|| over the masked tokens (spec section 2),
+    float64, without the cancellation of 1 - 2p + sum p^2 when p is close to 1."""
+    return masked_sum(logit_grad_sq(lp, sum_p2), mask).sqrt()
 
 
 class Balanced(Balancer):
@@ -59,7 +46,7 @@ class Balanced(Balancer):
     def needs_stats(self) -> frozenset[str]:
         return frozenset({"sum_p2"}) if self.hp["balanced_variant"] == "norm" else frozenset()
 
-    def scales(self, seq, rewards):
+    def scales(self, state, seq, rewards):
         with torch.no_grad():
             if self.hp["balanced_variant"] == "prob":
                 c_l = torch.exp((seq.A_l - seq.A_w).detach().clamp(max=0))
@@ -67,13 +54,14 @@ class Balanced(Balancer):
             lp = seq.logps
             g_w = _logit_grad_norm(lp.chosen, lp.chosen_mask, lp.chosen_stats["sum_p2"])
             g_l = _logit_grad_norm(lp.rejected, lp.rejected_mask, lp.rejected_stats["sum_p2"])
-            g_w = g_w.to(seq.dtype) * _term_factor(self.loss.term, seq, "w")
-            g_l = g_l.to(seq.dtype) * _term_factor(self.loss.term, seq, "l")
+            g_w = g_w * self.loss.term.dS(seq, "w").detach().double()  # chain rule: G of the term
+            g_l = g_l * self.loss.term.dS(seq, "l").detach().double()
             total = g_w + g_l
             ok = total > 0
             safe = torch.where(ok, total, torch.ones_like(total))
             w_w = torch.where(ok, 2 * g_l / safe, torch.ones_like(total))
             w_l = torch.where(ok, 2 * g_w / safe, torch.ones_like(total))
+            w_w, w_l, g_w, g_l = (x.to(seq.dtype) for x in (w_w, w_l, g_w, g_l))
             metrics = {
                 "balance/w_chosen_mean": w_w.mean(), "balance/w_rejected_mean": w_l.mean(),
                 "balance/grad_norm_chosen": g_w.mean(), "balance/grad_norm_rejected": g_l.mean(),

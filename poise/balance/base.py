@@ -1,13 +1,20 @@
 """What a balancer is: a transform of the chosen and rejected terms, composed with any base loss.
 
 In the spirit of optax's ``chain``: a balancer computes coefficients from the current batch (under
-no-grad, in float32, from log-space quantities; spec section 4) and says how to apply them:
+no-grad, in float32, from log-space quantities; spec section 4) and its explicit state, and says how
+to apply them:
 
 - ``forward``: t -> c*t; the loss value changes.
 - ``gradient``: t -> sg(t) + c*(t - sg(t)); the loss value is unchanged and dL/dt is scaled by c.
 
 Several balancers compose by multiplying their coefficients; the order does not matter because no
 coefficient depends on another balancer's output.
+
+State is explicit, as in optax: :meth:`Balancer.init_state` creates it (a plain dict of numbers and
+lists, saved in checkpoints as it is), :meth:`Balancer.scales` reads it and never changes it, and
+calibration is a step of its own that returns a new state (:meth:`Balancer.calibrate`, fed a
+per-pair statistic of training pairs under the initial policy, and :meth:`Balancer.finish_calibration`
+when the run has fewer pairs than the balancer asked for). A stateless balancer's state is ``{}``.
 """
 
 from __future__ import annotations
@@ -57,17 +64,43 @@ class Balancer:
     def needs_stats(self) -> frozenset[str]:
         return frozenset()
 
-    def scales(self, seq: PairSeq, rewards: tuple[Tensor, Tensor]) -> tuple[list[Scale], dict[str, Tensor]]:
-        """Coefficients for this batch and this balancer's metrics (detached 0-d tensors)."""
-        raise NotImplementedError
-
-    def state_dict(self) -> dict[str, Any]:
-        """Explicit state (for checkpoints); stateless balancers return {}."""
+    # -- state -----------------------------------------------------------------------------------------
+    def init_state(self) -> dict[str, Any]:
+        """A new state; stateless balancers return {}."""
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state:
-            raise ValueError(f"balancer {self.name!r} is stateless but got state {sorted(state)}")
+    def needs_calibration(self, state: dict[str, Any]) -> bool:
+        """Whether ``state`` must be calibrated before :meth:`scales` can use it."""
+        return False
+
+    def calibration_stat(self, seq: PairSeq) -> Tensor | None:
+        """(B,) the per-pair statistic that calibration reads (detached), or None if there is none."""
+        return None
+
+    def calibrate(self, state: dict[str, Any], stat: Tensor) -> dict[str, Any]:
+        """A new state with ``stat`` (of further training pairs, in order) taken into account."""
+        return state
+
+    def finish_calibration(self, state: dict[str, Any]) -> dict[str, Any]:
+        """A calibrated state from the pairs seen so far, when the run has no more to give."""
+        return state
+
+    def calibrated_values(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Hyperparameters that calibration decided (e.g. ``{"gate_tau": 0.012}``), for the resolved
+        config, the checkpoint and the model card; {} when there are none."""
+        return {}
+
+    def check_state(self, state: dict[str, Any]) -> None:
+        """Raise ValueError when ``state`` was not made for this balancer."""
+        expected = set(self.init_state())
+        if set(state) != expected:
+            raise ValueError(f"balancer {self.name!r} keeps the state {sorted(expected)} but got {sorted(state)}")
+
+    # -- the forward -------------------------------------------------------------------------------------
+    def scales(self, state: dict[str, Any], seq: PairSeq,
+               rewards: tuple[Tensor, Tensor]) -> tuple[list[Scale], dict[str, Tensor]]:
+        """Coefficients for this batch and this balancer's metrics (detached 0-d tensors); pure."""
+        raise NotImplementedError
 
     def _refuse(self, why: str) -> ConfigError:
         return ConfigError(f"balancer {self.name!r} cannot be used with loss {self.loss.name!r}: {why}")

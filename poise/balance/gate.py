@@ -12,10 +12,16 @@ probability mass onto the mode.
 
 tau and a are not published. tau="auto" is the ``gate_calibration_quantile`` (0.25) quantile of phat
 over the first ``gate_calibration_pairs`` (256) training pairs under the initial policy, computed once
-and kept as state (saved in checkpoints); a="auto" is 4/tau. Until calibration is complete the gate is
-open (g = 1: the base loss). The poise trainer calibrates on the initial policy before the first
-step; a plain PyTorch loop may call ``objective.calibrate(batch)`` itself, or let the first batches
-calibrate it.
+and kept as explicit state ``{"tau", "seen"}`` (saved in checkpoints); a="auto" is 4/tau. Calibration
+is a step of its own: the poise trainer runs it on the training pairs before the first step (gathered
+over ranks; on all of them when the run has fewer than ``gate_calibration_pairs``). A plain PyTorch
+loop does the same::
+
+    state = objective.calibrate(objective.init_state(), batch)   # repeat until calibrated, then
+    state = objective.finish_calibration(state)                  # (if the data ran out first)
+    out = objective(batch, state=state)
+
+The forward never calibrates: an uncalibrated gate is an error, never a silently open gate.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch
 from torch import Tensor
 
 from poise.balance.base import Balancer, Scale
+from poise.errors import ConfigError
 from poise.ops import masked_quantile, upcast
 from poise.params import Param
 from poise.seq import PairSeq
@@ -60,8 +67,7 @@ class Gate(Balancer):
 
     def __init__(self, loss, hp: dict[str, Any]):
         super().__init__(loss, hp)
-        self.tau: float | None = None if hp["gate_tau"] == "auto" else float(hp["gate_tau"])
-        self._seen: list[float] = []  # phat of the calibration pairs seen so far
+        self.fixed_tau: float | None = None if hp["gate_tau"] == "auto" else float(hp["gate_tau"])
 
     def phat(self, seq: PairSeq) -> Tensor:
         """(B,) estimated probability of each rejected response, detached, float32 or wider."""
@@ -71,52 +77,71 @@ class Gate(Balancer):
         p = torch.exp(upcast(lp.rejected).detach())
         return masked_quantile(p, lp.rejected_mask, self.hp["gate_quantile"])
 
-    @property
-    def calibrated(self) -> bool:
-        return self.tau is not None
+    # -- state: tau, and the phat of the calibration pairs seen so far ---------------------------------
+    def init_state(self) -> dict[str, Any]:
+        return {"tau": self.fixed_tau, "seen": []}
 
-    @property
-    def sharpness(self) -> float | None:
-        a = self.hp["gate_sharpness"]
-        if a != "auto":
-            return float(a)
-        return None if self.tau is None else 4.0 / self.tau
+    def needs_calibration(self, state: dict[str, Any]) -> bool:
+        return state["tau"] is None
 
-    def calibrate(self, phat: Tensor) -> None:
-        """Feed phat of training pairs under the initial policy (already gathered over ranks)."""
-        if self.calibrated:
-            return
+    def calibration_stat(self, seq: PairSeq) -> Tensor:
+        return self.phat(seq)
+
+    def calibrate(self, state: dict[str, Any], stat: Tensor) -> dict[str, Any]:
+        """Take phat of further training pairs (already gathered over ranks, in the data order); tau is
+        set once ``gate_calibration_pairs`` have been seen. Returns a new state."""
+        if not self.needs_calibration(state):
+            return state
         need = self.hp["gate_calibration_pairs"]
-        self._seen.extend(phat.detach().double().flatten().tolist()[: need - len(self._seen)])
-        if len(self._seen) >= need:
-            q = torch.tensor(self._seen, dtype=torch.float64).quantile(self.hp["gate_calibration_quantile"])
-            self.tau = max(float(q), TAU_MIN)
+        seen = list(state["seen"]) + stat.detach().double().flatten().tolist()[: need - len(state["seen"])]
+        new = {"tau": None, "seen": seen}
+        return self._fit(new) if len(seen) >= need else new
 
-    def scales(self, seq, rewards):
+    def finish_calibration(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Calibrate on every pair seen so far (a run with fewer pairs than gate_calibration_pairs)."""
+        if not self.needs_calibration(state):
+            return state
+        if not state["seen"]:
+            raise ConfigError("gate_tau: auto calibrates on the first gate_calibration_pairs training pairs, and none "
+                              "were given. Give the run training pairs, or set gate_tau to a probability (e.g. "
+                              "gate_tau: 0.01).")
+        return self._fit(state)
+
+    def _fit(self, state: dict[str, Any]) -> dict[str, Any]:
+        q = torch.tensor(state["seen"], dtype=torch.float64).quantile(self.hp["gate_calibration_quantile"])
+        return {"tau": max(float(q), TAU_MIN), "seen": list(state["seen"])}
+
+    def sharpness(self, state: dict[str, Any]) -> float:
+        a = self.hp["gate_sharpness"]
+        return float(a) if a != "auto" else 4.0 / state["tau"]
+
+    def calibrated_values(self, state: dict[str, Any]) -> dict[str, Any]:
+        if self.fixed_tau is not None or state["tau"] is None:
+            return {}
+        return {"gate_tau": state["tau"]}
+
+    def check_state(self, state: dict[str, Any]) -> None:
+        super().check_state(state)
+        if self.fixed_tau is not None and state["tau"] != self.fixed_tau:
+            raise ValueError(f"gate state has tau={state['tau']} but this objective sets gate_tau={self.fixed_tau}")
+
+    # -- the forward -------------------------------------------------------------------------------------
+    def scales(self, state, seq, rewards):
+        if self.needs_calibration(state):
+            raise ValueError("the gate is not calibrated (gate_tau: auto): calibrate it on training pairs under "
+                             "the initial policy first, state = objective.calibrate(objective.init_state(), "
+                             "batch) (and objective.finish_calibration(state) when the pairs run out), then "
+                             "pass state=state; or set gate_tau to a probability.")
+        tau, a = state["tau"], self.sharpness(state)
         with torch.no_grad():
             ph = self.phat(seq)
-            if not self.calibrated:
-                self.calibrate(ph)
-            if self.calibrated:
-                g = torch.sigmoid(self.sharpness * (ph - self.tau))
-            else:
-                g = torch.ones_like(ph)
+            g = torch.sigmoid(a * (ph - tau))
             q = torch.quantile(ph.double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64,
                                                          device=ph.device)).to(ph.dtype)
             metrics = {
                 "gate/mean": g.mean(), "gate/min": g.min(), "gate/max": g.max(),
                 "gate/closed_frac": (g < 0.5).to(g.dtype).mean(),
                 "gate/phat_q10": q[0], "gate/phat_q50": q[1], "gate/phat_q90": q[2],
-                "gate/calibrating": torch.tensor(0.0 if self.calibrated else 1.0),
+                "gate/tau": torch.tensor(tau), "gate/sharpness": torch.tensor(a),
             }
-            if self.calibrated:
-                metrics["gate/tau"] = torch.tensor(self.tau)
-                metrics["gate/sharpness"] = torch.tensor(self.sharpness)
         return [Scale(self.hp["gate_apply"], rejected=g)], metrics
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"tau": self.tau, "seen": list(self._seen)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.tau = state["tau"]
-        self._seen = list(state.get("seen", []))

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from poise.data import TokenizedPair, collate_pairs, collate_sequences
 from poise.model.logprobs import batch_logps, pair_logps
-from poise.ops import masked_sum, upcast
+from poise.ops import logit_grad_sq, masked_sum, upcast
 from poise.seq import PairSeq
 from poise.types import PairLogps
 
@@ -40,8 +40,8 @@ SATURATED = 0.05
 
 def _branch_norm(dl: Tensor, lp: Tensor, mask: Tensor, sum_p2: Tensor) -> Tensor:
     """(B,) logit-space gradient norm of one branch from dL/dl_t and the token statistics."""
-    p = torch.exp(upcast(lp).detach())
-    sq = (1 - 2 * p + upcast(sum_p2).to(p.dtype)).clamp(min=0) * dl.to(p.dtype) ** 2
+    dl = upcast(dl)
+    sq = logit_grad_sq(lp, sum_p2).to(dl.dtype) * dl ** 2
     return masked_sum(sq, mask).sqrt()
 
 
@@ -100,13 +100,15 @@ class Probe:
             res["probe/others_logp"] = ol.logps.sum(-1).mean().item()
         return res
 
-    def param_grads(self, model, objective, trainable: list, device, ref_sums: Tensor | None) -> dict[str, float]:
-        """Norms and cosine of the chosen-branch and rejected-branch parameter gradients."""
+    def param_grads(self, model, objective, state: dict, trainable: list, device,
+                    ref_sums: Tensor | None) -> dict[str, float]:
+        """Norms and cosine of the chosen-branch and rejected-branch parameter gradients (``state``: the
+        objective's explicit state, read only)."""
         b = collate_pairs(self.pairs, self.pad).to(device)
         pol = batch_logps(model, b, stats=tuple(objective.needs_stats), chunk_size=self.chunk_size)
         ref = None if ref_sums is None else (ref_sums[:, 0].to(device), ref_sums[:, 1].to(device))
         pl = pair_logps(pol, ref_sums=ref)
-        loss = objective(pl).loss
+        loss = objective(pl, state).loss
         dw, dl = torch.autograd.grad(loss, (pl.chosen, pl.rejected), retain_graph=True)
         gw = torch.autograd.grad(pl.chosen, trainable, grad_outputs=dw, retain_graph=True, allow_unused=True)
         gl = torch.autograd.grad(pl.rejected, trainable, grad_outputs=dl, allow_unused=True)

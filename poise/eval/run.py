@@ -30,6 +30,7 @@ from poise.errors import ConfigError
 from poise.model.generate import generate_ids
 from poise.model.load import load_model, load_tokenizer
 from poise.model.logprobs import batch_logps
+from poise.training.checkpoint import saved_objective_state
 from poise.training.config import load_config
 from poise.training.runlog import MetricAccumulator
 from poise.training.tasks import PolicyLogps, PreferenceTask
@@ -46,9 +47,29 @@ def completion_logps(model, prompts: Sequence[tuple[int, ...]], completions: Seq
     return batch_logps(model, b).logps.sum(-1).cpu()
 
 
-def preference_metrics(cfg, model, reference, tokenizer, pairs: list[TokenizedPair]) -> dict[str, float]:
-    """The run's objective metrics on held-out pairs (reward accuracy, margins, ...)."""
+def run_objective(cfg, run_dir: Path | None = None):
+    """(objective, state) that ``run_dir`` trained, or (None, {}) for an SFT stage. The state is the one
+    the run saved (its resolved config.yaml holds the calibrated values too): never recalibrated."""
+    if cfg.stage == "sft":
+        return None, {}
     objective = cfg.build_objective()
+    state = objective.init_state()
+    if objective.needs_calibration(state):
+        saved = saved_objective_state(run_dir) if run_dir is not None else None
+        if not saved or objective.needs_calibration(saved):
+            raise ConfigError(f"{run_dir}: the run's objective needs its calibrated state (gate_tau: auto), and "
+                              "neither its config.yaml nor a checkpoint holds it. Pass the threshold the run "
+                              "used, e.g. gate_tau=0.01, in the run's config.yaml.")
+        objective.check_state(saved)
+        state = saved
+    return objective, state
+
+
+def preference_metrics(cfg, model, reference, tokenizer, pairs: list[TokenizedPair],
+                       run_dir: Path | None = None) -> dict[str, float]:
+    """The run's objective metrics on held-out pairs (reward accuracy, margins, ...), with the state
+    the run calibrated (read, never recalibrated)."""
+    objective, state = run_objective(cfg, run_dir)
     if objective is None:
         return {}
     task = PreferenceTask(pairs, objective, tokenizer.pad_token_id, ref_model=reference,
@@ -59,7 +80,7 @@ def preference_metrics(cfg, model, reference, tokenizer, pairs: list[TokenizedPa
     with torch.no_grad():
         for i in range(0, len(pairs), cfg.micro_batch_size):
             idx = list(range(i, min(i + cfg.micro_batch_size, len(pairs))))
-            _, m, _ = task.loss(module, idx, dev, num_items=len(idx), num_tokens=task.norm_tokens(idx))
+            _, m, _ = task.loss(module, idx, dev, state=state, num_items=len(idx), num_tokens=task.norm_tokens(idx))
             acc.add(m, len(idx))
     return {f"eval/{k}": v for k, v in acc.reduce().items()}
 
@@ -91,7 +112,7 @@ def evaluate_run(run_dir: str | Path, *, eval_file: str | None = None, num_promp
     data = tokenize_rows(rows, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                          prompt_truncation=cfg.prompt_truncation, on_bad_row="skip")
     result: dict[str, Any] = {"run": str(run_dir), "method": cfg.method}
-    pref = preference_metrics(cfg, policy, reference, tokenizer, data.pairs)
+    pref = preference_metrics(cfg, policy, reference, tokenizer, data.pairs, run_dir)
     result.update(pref)
     if "eval/rewards/accuracies" in pref:
         result["reward_accuracy"] = pref["eval/rewards/accuracies"]

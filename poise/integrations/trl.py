@@ -27,13 +27,14 @@ schedule, logging and checkpoints are untouched. Differences from TRL and from `
   ``balance/*``, ``gate/*``; not its ``loss``, which TRL logs itself) plus TRL's ``entropy``,
   ``num_tokens``, ``mean_token_accuracy``, ``logits/chosen``, ``logits/rejected`` (and ``aux_loss``
   for MoE models), averaged over the steps between two logs as TRL does; keys ending in ``_min`` /
-  ``_max`` are the min / max over ranks of each step. See docs/metrics.md.
+  ``_max`` (or ``/min``, ``/max``) are the min / max over ranks of each step. See docs/metrics.md.
 - **Balanced-DPO** (``balanced_variant: norm``) needs the per-token ``sum_j p_j^2``; it comes from the
   same fused head (its ``log_sum_sq_probs`` output, switched on for such objectives).
-- **Gate-DPO calibration** (``gate_tau: auto``): the first ``gate_calibration_pairs`` (256) training
-  pairs calibrate tau as they arrive, gathered over all processes, with the gate open (the base
-  loss) until then; ``poise train`` instead calibrates on those pairs under the initial policy before
-  the first step. tau is saved in each checkpoint (``poise_objective.json``) and restored on resume.
+- **Gate-DPO calibration** (``gate_tau: auto``): as in ``poise train``, a step of its own before the
+  first optimizer step: ``train()`` scores the first ``gate_calibration_pairs`` (256) pairs of the
+  training dataloader under the initial policy (no gradient, gathered over all processes; all of them
+  when the dataset is smaller) and fixes tau. The state is explicit (``trainer.poise_state``), saved
+  in each checkpoint (``poise_objective.json``) and restored on resume, which skips the calibration.
 - **Normalisation**: the loss is the mean over the pairs of each micro-batch, as in TRL (batch-level
   NLL terms use the micro-batch's chosen tokens).
 - TRL's ``loss_type``, ``loss_weights``, ``label_smoothing``, ``ld_alpha``, ``use_weighting`` and
@@ -64,9 +65,10 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from poise.errors import ConfigError
 from poise.losses import LOSSES
-from poise.objective import Objective, objective
+from poise.objective import Objective, resolve_method
 from poise.presets import PRESETS
-from poise.types import ObjectiveOutput, PairLogps
+from poise.training.runlog import MAX_SUFFIXES, MIN_SUFFIXES
+from poise.types import PairLogps
 
 try:
     from trl.trainer.utils import add_fused_lm_head
@@ -113,21 +115,16 @@ class DPOConfig(trl.DPOConfig):
 
 
 def build_objective(method: str, kwargs: dict[str, Any] | None = None, *, beta: float | None = None) -> Objective:
-    """The objective of ``method`` (preset or base loss) with ``kwargs``; ``kwargs["balance"]`` adds
-    balancers, and ``beta`` (TRL's) is used when the loss takes one and ``kwargs`` does not set it."""
+    """The objective of ``method`` (preset or base loss) with ``kwargs``, through poise's one method
+    resolver; ``kwargs["balance"]`` adds balancers, and ``beta`` (TRL's) is used when the loss takes one
+    and ``kwargs`` does not set it."""
     hp = dict(kwargs or {})
     extra = hp.pop("balance", None) or []
-    extra = [extra] if isinstance(extra, str) else list(extra)
-    if method in PRESETS:
-        loss, balance = PRESETS[method].loss, list(PRESETS[method].balance)
-    elif method in LOSSES:
-        loss, balance = method, []
-    else:
-        objective(method)  # raises: unknown method, with the presets, the losses and a suggestion
-    balance += [b for b in extra if b not in balance]
-    if beta is not None and "beta" not in hp and any(p.name == "beta" for p in LOSSES[loss].params):
-        hp["beta"] = beta
-    return Objective(loss, balance, **hp)
+    if beta is not None and "beta" not in hp:
+        loss = PRESETS[method].loss if method in PRESETS else method
+        if loss in LOSSES and any(p.name == "beta" for p in LOSSES[loss].params):
+            hp["beta"] = beta
+    return resolve_method(method, extra, **hp)
 
 
 def _check_trl_settings(config: Any, method: str) -> None:
@@ -166,6 +163,7 @@ class DPOTrainer(trl.DPOTrainer):
         hp = poise_kwargs if poise_kwargs is not None else getattr(config, "poise_kwargs", None)
         _check_trl_settings(config, method)
         self.poise_objective = build_objective(method, hp, beta=getattr(config, "beta", None))
+        self.poise_state = self.poise_objective.init_state()
         unknown = set(self.poise_objective.needs_stats) - {"sum_p2", "entropy"}
         if unknown:
             raise ConfigError(f"{self.poise_objective.name!r} needs the statistics {sorted(unknown)}, which TRL's "
@@ -181,7 +179,7 @@ class DPOTrainer(trl.DPOTrainer):
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
         outputs, batch = self._pair_logps(model, inputs)
-        out = self._objective_output(batch, training=mode == "train")
+        out = self.poise_objective(batch, self.poise_state)
         loss = out.loss
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
@@ -201,7 +199,7 @@ class DPOTrainer(trl.DPOTrainer):
             kwargs["output_router_logits"] = True
         return kwargs
 
-    def _pair_logps(self, model, inputs: dict[str, Any]) -> tuple[Any, PairLogps]:
+    def _pair_logps(self, model, inputs: dict[str, Any], *, with_reference: bool = True) -> tuple[Any, PairLogps]:
         """TRL's forward (fused head, completion tokens only) and the batch as poise's PairLogps."""
         completion = inputs["completion_mask"]
         labels = inputs["input_ids"].masked_fill(completion == 0, -100)
@@ -214,7 +212,8 @@ class DPOTrainer(trl.DPOTrainer):
             stats["sum_p2"] = outputs.log_sum_sq_probs[:, -width:].detach().float().exp()
         if "entropy" in self.poise_objective.needs_stats:
             stats["entropy"] = outputs.entropy[:, -width:].detach().float()
-        ref_w, ref_l = self._reference_sums(inputs) if self.poise_objective.needs_reference else (None, None)
+        reads_ref = with_reference and self.poise_objective.needs_reference
+        ref_w, ref_l = self._reference_sums(inputs) if reads_ref else (None, None)
         b = logps.size(0) // 2  # TRL's batch is [chosen, rejected]
         batch = PairLogps(logps[:b], logps[b:], mask[:b], mask[b:], ref_chosen=ref_w, ref_rejected=ref_l,
                           chosen_stats={k: v[:b] for k, v in stats.items()} or None,
@@ -228,25 +227,27 @@ class DPOTrainer(trl.DPOTrainer):
         ref = self.ref_model if self.ref_model is not None else self.model  # PEFT: adapter disabled inside
         return self.compute_ref_log_probs(ref, inputs)
 
-    def _objective_output(self, batch: PairLogps, *, training: bool) -> ObjectiveOutput:
-        """The objective on a batch; while a gate calibrates (gate_tau: auto) the training batches feed
-        it, gathered over ranks, and nothing else does (not eval batches, not a batch twice)."""
-        obj = self.poise_objective
-        if not obj.needs_calibration:
-            return obj(batch)
-        before = obj.state_dict()
-        if training:
-            gather = self.accelerator.gather if self.accelerator.num_processes > 1 else None
-            obj.calibrate(batch, gather=gather)
-            if not obj.needs_calibration:
-                return obj(batch)  # calibrated by this batch: it is gated with the new tau
-        after = obj.state_dict()
-        # The gate is still open. The objective would also feed this (local) batch to its calibration:
-        # run it from the state before this batch, which this batch alone cannot complete, then restore.
-        obj.load_state_dict(before)
-        out = obj(batch)
-        obj.load_state_dict(after)
-        return out
+    # -- calibration: a step of its own, before the first optimizer step -------------------------------
+    def train(self, resume_from_checkpoint=None, *args: Any, **kwargs: Any):
+        if not resume_from_checkpoint and self.poise_objective.needs_calibration(self.poise_state):
+            self._calibrate()
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    @torch.no_grad()
+    def _calibrate(self) -> None:
+        """The first training pairs under the initial policy (eval mode, no gradient), gathered over ranks."""
+        obj, state = self.poise_objective, self.poise_state
+        gather = self.accelerator.gather if self.accelerator.num_processes > 1 else None
+        was_training = self.model.training
+        self.model.eval()
+        for inputs in self.get_train_dataloader():
+            _, batch = self._pair_logps(self.model, self._prepare_inputs(inputs), with_reference=False)
+            state = obj.calibrate(state, batch, gather)
+            if not obj.needs_calibration(state):
+                break
+        self.poise_state = obj.finish_calibration(state)
+        self.model.train(was_training)
+        log.info("poise: calibrated %s", obj.calibrated_values(self.poise_state))
 
     # -- logging -------------------------------------------------------------------------------------
     def _log_objective_metrics(self, mode: str, metrics: dict[str, torch.Tensor]) -> None:
@@ -259,7 +260,7 @@ class DPOTrainer(trl.DPOTrainer):
         rows = self.accelerator.gather(vals[None]).reshape(-1, len(keys))
         for j, key in enumerate(keys):
             col = rows[:, j]
-            value = col.min() if key.endswith("_min") else col.max() if key.endswith("_max") else col.mean()
+            value = col.min() if key.endswith(MIN_SUFFIXES) else col.max() if key.endswith(MAX_SUFFIXES) else col.mean()
             self._metrics[mode][key].append(value.item())
 
     def _log_trl_metrics(self, mode: str, inputs: dict[str, Any], outputs: Any) -> None:
@@ -285,7 +286,7 @@ class DPOTrainer(trl.DPOTrainer):
     # -- the objective's state in checkpoints --------------------------------------------------------
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        state = self.poise_objective.state_dict()
+        state = self.poise_state
         if state and self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             with open(os.path.join(folder, STATE_FILE), "w") as f:
@@ -296,4 +297,6 @@ class DPOTrainer(trl.DPOTrainer):
         path = os.path.join(resume_from_checkpoint, STATE_FILE)
         if os.path.isfile(path):
             with open(path) as f:
-                self.poise_objective.load_state_dict(json.load(f))
+                state = json.load(f)
+            self.poise_objective.check_state(state)
+            self.poise_state = state

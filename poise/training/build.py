@@ -1,5 +1,6 @@
-"""Everything a run needs before its first step: accelerator, data, model, reference, objective,
-optimizer. Kept apart from the loop so that the loop reads top to bottom."""
+"""Everything a run needs before its first step, built once into one typed value (:class:`RunState`):
+accelerator, data, model, reference, task (with its objective), optimizer, schedule. Kept apart from
+the loop so that the loop reads top to bottom."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from poise.model.load import (
 )
 from poise.model.reference import cached_reference_sums
 from poise.model.shared_prefix import choose_layout, pairs_reason
-from poise.training.config import TrainConfig
+from poise.training.config import TrainConfig, from_dict
 from poise.training.runlog import MetricAccumulator
 from poise.training.schedule import Schedule, lr_lambda
 from poise.training.tasks import PolicyLogps, PreferenceTask, SFTTask
@@ -36,7 +37,10 @@ log = logging.getLogger("poise")
 
 
 @dataclass
-class Setup:
+class RunState:
+    """A run, built once by :func:`build_run`; the loop reads it and changes only ``state`` (the task's
+    explicit state: set by the calibration step or a resume) and what the optimizer owns."""
+
     cfg: TrainConfig
     accelerator: Any
     run_dir: Path
@@ -45,11 +49,13 @@ class Setup:
     module: Any  # PolicyLogps, prepared by accelerate (DDP/FSDP-wrapped when distributed)
     optimizer: Any
     scheduler: Any
-    task: Any
-    eval_task: Any = None
+    schedule: Schedule
+    task: PreferenceTask | SFTTask
+    eval_task: PreferenceTask | None = None
     trainable: list = field(default_factory=list)
-    probe: Any = None  # diagnostics.Probe
+    probe: Probe | None = None  # preference stages with diagnostics on
     probe_ref: Any = None  # (P, 2) reference sums of the probe pairs
+    state: dict[str, Any] = field(default_factory=dict)  # the task's explicit state (balancers)
 
     def probe_metrics(self) -> dict[str, float]:
         """Squeezing probes and parameter-space gradient norms on the probe batch (main process)."""
@@ -57,22 +63,21 @@ class Setup:
             return {}
         model = self.unwrapped_model()
         out = self.probe.logps(model, self.accelerator.device)
-        obj = self.task.objective
-        if obj is not None:
-            trainable = [p for p in model.parameters() if p.requires_grad]
-            out.update(self.probe.param_grads(model, obj, trainable, self.accelerator.device, self.probe_ref))
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        out.update(self.probe.param_grads(model, self.task.objective, self.state, trainable,
+                                          self.accelerator.device, self.probe_ref))
         return out
 
     def unwrapped_model(self):
         return self.accelerator.unwrap_model(self.module).model
 
-    def objective_state(self) -> dict[str, Any]:
-        obj = self.task.objective
-        return obj.state_dict() if obj is not None else {}
-
-    def load_objective_state(self, state: dict[str, Any]) -> None:
-        if self.task.objective is not None:
-            self.task.objective.load_state_dict(state)
+    def resolved_config(self) -> TrainConfig:
+        """The config with what calibration decided (``gate_tau: auto`` -> the threshold in use), so that
+        ``poise eval``/``poise report`` rebuild exactly the objective that trained, never recalibrating."""
+        values = self.task.calibrated_values(self.state)
+        if not values:
+            return self.cfg
+        return from_dict({**self.cfg.to_dict(), **values}, source="resolved config")
 
     def load_model_weights(self, folder: Path) -> None:
         from safetensors.torch import load_file
@@ -110,14 +115,14 @@ class Setup:
     def evaluate(self) -> dict[str, float]:
         """Held-out preference metrics (objective metrics on eval_file), prefixed eval/."""
         task = self.eval_task
-        if task is None or task.objective is None:
+        if task is None:
             return {}
         self.module.eval()
         acc = MetricAccumulator()
         idx = list(range(self.accelerator.process_index, len(task), self.accelerator.num_processes))
         for i in range(0, len(idx), self.cfg.micro_batch_size):
             mb = idx[i:i + self.cfg.micro_batch_size]
-            _, m, _ = task.loss(self.module, mb, self.accelerator.device, num_items=len(mb),
+            _, m, _ = task.loss(self.module, mb, self.accelerator.device, state=self.state, num_items=len(mb),
                                 num_tokens=task.norm_tokens(mb))
             acc.add(m, len(mb))
         self.module.train()
@@ -225,7 +230,7 @@ def _reference(cfg: TrainConfig, model, ref, pairs, tokenizer, device, layout: s
 
 
 def _eval_task(cfg: TrainConfig, tokenizer, objective, ref_info, layout: str) -> PreferenceTask | None:
-    if not cfg.eval_file or objective is None:
+    if not cfg.eval_file or cfg.stage == "sft":
         return None
     data, _ = _data(cfg, tokenizer, cfg.eval_file)
     if pairs_reason(data.pairs):
@@ -264,7 +269,7 @@ def make_optimizer(cfg: TrainConfig, params: list) -> torch.optim.AdamW:
                              weight_decay=cfg.weight_decay, fused=fused or None)
 
 
-def build_setup(cfg: TrainConfig) -> Setup:
+def build_run(cfg: TrainConfig) -> RunState:
     acc = make_accelerator(cfg)
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, gguf_file=cfg.gguf_file,
@@ -272,12 +277,13 @@ def build_setup(cfg: TrainConfig) -> Setup:
     data, texts = _data(cfg, tokenizer, cfg.train_file)
     model = _model(cfg, tokenizer, texts, acc.device)
     run_dir = _prepare_run_dir(cfg)  # after the inputs are known good: a bad row leaves no run folder
-    objective = cfg.build_objective()
     ref_info: dict[str, Any] = {}
     layout = "separate"
-    if objective is None:
-        task = SFTTask(sft_sequences(data, cfg.extended_sft), tokenizer.pad_token_id)
+    objective = None
+    if cfg.stage == "sft":
+        task: PreferenceTask | SFTTask = SFTTask(sft_sequences(data, cfg.extended_sft), tokenizer.pad_token_id)
     else:
+        objective = cfg.build_objective()
         ref = _load_reference(cfg, acc.device) if objective.needs_reference else None
         # a separate reference must qualify for the shared layout too
         layout = choose_layout(cfg.pair_layout, [model] + ([ref] if ref is not None else []), data.pairs,
@@ -294,9 +300,9 @@ def build_setup(cfg: TrainConfig) -> Setup:
     stats = set(objective.needs_stats) | ({"sum_p2"} if cfg.diagnostics else set()) if objective else set()
     module = PolicyLogps(model, stats=sorted(stats), chunk_size=cfg.chunk_size)
     module, optimizer = acc.prepare(module, optimizer)
-    total = Schedule(task.lengths, cfg.batch_size, cfg.seed, cfg.epochs, cfg.max_steps).total
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total))
+    schedule = Schedule(task.lengths, cfg.batch_size, cfg.seed, cfg.epochs, cfg.max_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, schedule.total))
     if acc.is_main_process:
         (run_dir / "data_summary.json").write_text(json.dumps({"train": data.summary()}))
-    return Setup(cfg, acc, run_dir, tokenizer, model, module, optimizer, scheduler, task, eval_task,
-                 [p for p in module.parameters() if p.requires_grad], probe, probe_ref)
+    return RunState(cfg, acc, run_dir, tokenizer, model, module, optimizer, scheduler, schedule, task, eval_task,
+                    [p for p in module.parameters() if p.requires_grad], probe, probe_ref, task.init_state())

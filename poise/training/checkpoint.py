@@ -137,6 +137,15 @@ def load_training_state(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return state, json.loads((ckpt / "trainer_state.json").read_text())
 
 
+def saved_objective_state(run_dir: Path) -> dict[str, Any] | None:
+    """The objective's explicit state (e.g. Gate-DPO's calibrated tau) in the run's newest good
+    checkpoint, or None when the run has no checkpoint. Reads only the JSON, no pickle."""
+    ckpt = latest_good(Path(run_dir))
+    if ckpt is None:
+        return None
+    return json.loads((ckpt / "trainer_state.json").read_text()).get("objective") or {}
+
+
 def _write(tmp: Path, root: Path, final: Path, step: int, model, tokenizer, optimizer, scheduler,
            trainer_state: dict[str, Any]) -> Path:
     model.save_pretrained(tmp / "model", safe_serialization=True)

@@ -144,9 +144,7 @@ class TrainConfig:
 
     def build_objective(self):
         """The objective this config trains (validates the method and its hyperparameters)."""
-        from poise.losses import LOSSES
-        from poise.objective import Objective, objective
-        from poise.presets import PRESETS
+        from poise.objective import resolve_method
 
         if self.stage == "sft":
             if self.hyperparameters or self.balance:
@@ -154,13 +152,7 @@ class TrainConfig:
                 raise ConfigError(f"stage: sft takes no method hyperparameters, got {', '.join(keys)}; remove "
                                   "them or set stage: preference.")
             return None
-        if self.method in PRESETS:
-            p = PRESETS[self.method]
-            balance = list(p.balance) + [b for b in self.balance if b not in p.balance]
-            return Objective(p.loss, balance, **self.hyperparameters)
-        if self.method not in LOSSES:
-            objective(self.method)  # raises: unknown method, with the presets, losses and a suggestion
-        return Objective(self.method, self.balance, **self.hyperparameters)
+        return resolve_method(self.method, self.balance, **self.hyperparameters)
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "hyperparameters"}

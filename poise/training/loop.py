@@ -1,6 +1,8 @@
-"""The training loop: one readable loop on accelerate (DDP, FSDP and DeepSpeed come with it).
+"""The training loop: one readable loop on accelerate.
 
-    train(cfg)  ->  setup (data, model, reference, objective)  ->  for each optimizer step:
+    train(cfg)  ->  build_run (data, model, reference, task, schedule: one typed RunState)
+                ->  calibrate (a step of its own: balancers' state from training pairs, initial policy)
+                ->  for each optimizer step:
         the global batch (batch_size pairs, the same order on every rank) is cut into one slice per
         rank and micro-batches per slice; each micro-batch's loss is normalised by the counts of the
         WHOLE step (pairs, chosen tokens), so accumulation and data parallelism give the same gradient
@@ -19,14 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from poise.errors import NonFiniteError, PoiseError
-from poise.training.build import Setup, build_setup
+from poise.training.build import RunState, build_run
 from poise.training.checkpoint import latest_good, load_training_state, save_checkpoint, set_rng_state
 from poise.training.config import TrainConfig, dump_config
 from poise.training.modelcard import write_model_card
 from poise.training.runlog import MetricAccumulator, RunLogger, peak_memory_mb
-from poise.training.schedule import Schedule
 
 log = logging.getLogger("poise")
 
@@ -76,9 +78,9 @@ def _any_rank(acc, flag: bool) -> bool:
     return bool(acc.reduce(torch.tensor([float(flag)], device=acc.device), reduction="sum").item() > 0)
 
 
-def train_step(s: Setup, idx: list[int]) -> dict[str, float]:
+def train_step(run: RunState, idx: list[int]) -> dict[str, float]:
     """One optimizer step on the global batch ``idx``; returns the step's metrics over all ranks."""
-    acc, task, cfg = s.accelerator, s.task, s.cfg
+    acc, task, cfg = run.accelerator, run.task, run.cfg
     t0 = time.perf_counter()
     mine = _rank_slice(idx, acc.process_index, acc.num_processes)
     micro = _micro_batches(mine, cfg.micro_batch_size)
@@ -87,123 +89,143 @@ def train_step(s: Setup, idx: list[int]) -> dict[str, float]:
     bad: list[int] = []
     for j, mb in enumerate(micro):
         sync = j == len(micro) - 1
-        with nullcontext() if sync else acc.no_sync(s.module):
-            loss, m, per_pair = task.loss(s.module, mb, acc.device, num_items=len(idx), num_tokens=n_tokens)
+        with nullcontext() if sync else acc.no_sync(run.module):
+            loss, m, per_pair = task.loss(run.module, mb, acc.device, state=run.state, num_items=len(idx),
+                                         num_tokens=n_tokens)
             # DDP averages gradients over ranks; our loss is already a share of the global mean.
             acc.backward(loss * acc.num_processes)
         if per_pair is not None and not torch.isfinite(per_pair.detach()).all():
             bad += [mb[i] for i in (~torch.isfinite(per_pair.detach())).nonzero().flatten().tolist()]
         metrics.add(m, len(mb))
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
-    grad_norm = float(acc.clip_grad_norm_(s.trainable, max_norm))  # the same on every rank
+    grad_norm = float(acc.clip_grad_norm_(run.trainable, max_norm))  # the same on every rank
     if not math.isfinite(grad_norm) or _any_rank(acc, bool(bad)):
-        s.optimizer.zero_grad(set_to_none=True)
+        run.optimizer.zero_grad(set_to_none=True)
         return {"nonfinite": 1.0, "nonfinite_pairs": bad}
-    s.optimizer.step()
-    s.scheduler.step()
-    s.optimizer.zero_grad(set_to_none=True)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
     out = metrics.reduce(acc)
     dt = time.perf_counter() - t0
-    out.update({"grad_norm": grad_norm, "learning_rate": s.scheduler.get_last_lr()[0],
+    out.update({"grad_norm": grad_norm, "learning_rate": run.scheduler.get_last_lr()[0],
                 "tokens_per_s": task.real_tokens(idx) / dt, "step_time_s": dt,
                 "peak_memory_mb": peak_memory_mb(acc.device)})
     return out
 
 
-def _trainer_state(s: Setup, step: int, sched: Schedule) -> dict[str, Any]:
-    return {"step": step, "epoch": step / sched.per_epoch, "objective": s.objective_state(),
-            "config": s.cfg.to_dict()}
+def _trainer_state(run: RunState, step: int) -> dict[str, Any]:
+    return {"step": step, "epoch": step / run.schedule.per_epoch, "objective": run.state,
+            "config": run.resolved_config().to_dict()}
 
 
-def _save(s: Setup, step: int, sched: Schedule) -> None:
-    s.accelerator.wait_for_everyone()
-    if s.accelerator.is_main_process:
+def _save(run: RunState, step: int) -> None:
+    run.accelerator.wait_for_everyone()
+    if run.accelerator.is_main_process:
         try:
-            save_checkpoint(s.run_dir, step, model=s.unwrapped_model(), tokenizer=s.tokenizer,
-                            optimizer=s.optimizer, scheduler=s.scheduler,
-                            trainer_state=_trainer_state(s, step, sched), keep=s.cfg.save_total_limit)
+            save_checkpoint(run.run_dir, step, model=run.unwrapped_model(), tokenizer=run.tokenizer,
+                            optimizer=run.optimizer, scheduler=run.scheduler,
+                            trainer_state=_trainer_state(run, step), keep=run.cfg.save_total_limit)
         except OSError as e:  # a full disk, a vanished folder: the previous checkpoint is intact
-            raise PoiseError(f"could not write the checkpoint of step {step} in {s.run_dir} ({e.strerror or e}). "
+            raise PoiseError(f"could not write the checkpoint of step {step} in {run.run_dir} ({e.strerror or e}). "
                              "The previous checkpoint is kept; free space (or choose another output_dir) "
                              "and resume with resume=true.") from e
-    s.accelerator.wait_for_everyone()
+    run.accelerator.wait_for_everyone()
 
 
-def _resume(s: Setup) -> int:
-    ckpt = latest_good(s.run_dir)
+def _resume(run: RunState) -> int:
+    ckpt = latest_good(run.run_dir)
     if ckpt is None:
-        log.info("resume: no checkpoint in %s; starting from step 0", s.run_dir)
+        log.info("resume: no checkpoint in %s; starting from step 0", run.run_dir)
         return 0
     state, tstate = load_training_state(ckpt)
-    s.load_model_weights(ckpt / "model")
-    s.optimizer.load_state_dict(state["optimizer"])
-    s.scheduler.load_state_dict(state["scheduler"])
+    run.load_model_weights(ckpt / "model")
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
-    s.load_objective_state(tstate.get("objective") or {})
+    saved = tstate.get("objective") or {}
+    try:
+        run.task.check_state(saved)
+    except ValueError as e:
+        raise PoiseError(f"checkpoint {ckpt} was written by another method: {e}. Resume with the config that "
+                         "started the run, or start a new run in another output_dir.") from None
+    run.state = saved
     log.info("resumed from %s (step %d)", ckpt, tstate["step"])
     return int(tstate["step"])
 
 
-def _calibrate(s: Setup, sched: Schedule) -> None:
-    """Gate's tau='auto': phat over the first training pairs under the initial policy, all ranks."""
-    obj = s.task.objective
-    step = 0
-    while obj is not None and obj.needs_calibration and step < sched.total:
-        mine = _rank_slice(sched.batch(step), s.accelerator.process_index, s.accelerator.num_processes)
-        for mb in _micro_batches(mine, s.cfg.micro_batch_size):
-            s.task.calibrate(s.module, mb, s.accelerator.device, s.accelerator.gather)
-        step += 1
-    if obj is not None and hasattr(obj, "balancers"):
-        for b in obj.balancers:
-            if getattr(b, "tau", None) is not None:
-                log.info("gate calibrated: tau=%.4g sharpness=%.4g", b.tau, b.sharpness)
+def calibrate(run: RunState) -> None:
+    """The calibration step, before step 1: the balancers' state (Gate-DPO's tau for gate_tau: auto)
+    from the training pairs in the order of the first epoch, under the initial policy, gathered over
+    ranks (each rank scores its slice of each global batch; the gather restores the global order, so
+    any number of processes sees the same pairs). Fewer pairs than asked for: all of them, logged."""
+    task, acc, sched = run.task, run.accelerator, run.schedule
+    if not task.needs_calibration(run.state):
+        return
+    gather = acc.gather if acc.num_processes > 1 else None
+    state, seen, step = run.state, 0, 0
+    bar = tqdm(total=None, desc="calibrate", unit="pair", disable=not acc.is_main_process, leave=False)
+    while task.needs_calibration(state) and step < sched.per_epoch:
+        idx = sched.batch(step)
+        mine = _rank_slice(idx, acc.process_index, acc.num_processes)
+        stats = task.calibration_stats(run.module, mine, acc.device, run.cfg.micro_batch_size)
+        state = task.calibrate(state, stats, gather)
+        seen, step = seen + len(idx), step + 1
+        bar.update(len(idx))
+    bar.close()
+    if task.needs_calibration(state):
+        state = task.finish_calibration(state)
+        log.warning("calibration: the run has %d training pairs in an epoch, fewer than the calibration asks "
+                    "for (gate_calibration_pairs); calibrated on all of them", seen)
+    run.state = state
+    values = ", ".join(f"{k}={v:.6g}" for k, v in task.calibrated_values(state).items())
+    log.info("calibrated before step 1 on %d training pairs under the initial policy: %s", seen, values)
 
 
-def _after_step(s: Setup, step: int, sched: Schedule, metrics: dict[str, float], logger: RunLogger) -> None:
+def _after_step(run: RunState, step: int, metrics: dict[str, float], logger: RunLogger) -> None:
     """Probe, log, evaluate and checkpoint on the steps the config asks for."""
-    cfg = s.cfg
-    if step == 1 and s.accelerator.num_processes > 1:
-        s.check_replicas_agree()
+    cfg, sched = run.cfg, run.schedule
+    if step == 1 and run.accelerator.num_processes > 1:
+        run.check_replicas_agree()
     if (cfg.diagnostics_steps and step % cfg.diagnostics_steps == 0) or step == sched.total:
-        metrics.update(s.probe_metrics())
+        metrics.update(run.probe_metrics())
     if step % cfg.logging_steps == 0 or step == sched.total:
         logger.write(step, {"epoch": step / sched.per_epoch, **metrics})
     if cfg.save_steps and step % cfg.save_steps == 0 and step < sched.total:
-        _save(s, step, sched)
+        _save(run, step)
     if cfg.eval_steps and step % cfg.eval_steps == 0:
-        logger.write(step, s.evaluate())
+        logger.write(step, run.evaluate())
 
 
-def _nonfinite(s: Setup, step: int, sched: Schedule, bad: list[int], logger: RunLogger) -> dict[str, float]:
+def _nonfinite(run: RunState, step: int, bad: list[int], logger: RunLogger) -> dict[str, float]:
     """Report a non-finite step; skip it or stop with a checkpoint of the last good weights."""
-    task = s.task
-    items = getattr(task, "pairs", None) or []
+    items = getattr(run.task, "pairs", None) or []
     where = ", ".join(f"{items[i].source} row {items[i].index}" for i in bad[:5]) if items else ""
     msg = (f"step {step}: the loss or gradient is not finite"
            + (f" (pairs: {where}{', ...' if len(bad) > 5 else ''})" if where else " (the pairs' losses are "
               "finite: the gradient overflowed)"))
     logger.write(step, {"nonfinite": 1.0})
-    if s.cfg.on_nonfinite == "skip":
+    if run.cfg.on_nonfinite == "skip":
         log.warning("%s; the update was skipped (on_nonfinite: skip)", msg)
         return {"nonfinite": 1.0}
-    _save(s, step - 1, sched)
+    _save(run, step - 1)
     logger.close()
     raise NonFiniteError(f"{msg}. A checkpoint of the last good weights was saved (step {step - 1}); "
                          "lower the learning rate or inspect those rows, then resume with resume=true, or set "
                          "on_nonfinite: skip to drop such steps.")
 
 
-def _loop(s: Setup, sched: Schedule, start: int, logger: RunLogger, stop: _StopFlag) -> tuple[int, dict]:
-    bar = s.progress(sched.total, start)
+def _loop(run: RunState, start: int, logger: RunLogger, stop: _StopFlag) -> tuple[int, dict]:
+    sched = run.schedule
+    bar = run.progress(sched.total, start)
     metrics: dict[str, float] = {}
     step = start
     try:
         while step < sched.total and stop.signal is None:
-            metrics = train_step(s, sched.batch(step))
+            metrics = train_step(run, sched.batch(step))
             step += 1
             if metrics.get("nonfinite"):
-                metrics = _nonfinite(s, step, sched, metrics["nonfinite_pairs"], logger)
-            _after_step(s, step, sched, metrics, logger)
+                metrics = _nonfinite(run, step, metrics["nonfinite_pairs"], logger)
+            _after_step(run, step, metrics, logger)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}")
     finally:
@@ -213,33 +235,32 @@ def _loop(s: Setup, sched: Schedule, start: int, logger: RunLogger, stop: _StopF
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Train as the config says; returns where the model and metrics are."""
-    s = build_setup(cfg)
-    sched = Schedule(s.task.lengths, cfg.batch_size, cfg.seed, cfg.epochs, cfg.max_steps)
-    start = _resume(s) if cfg.resume else 0
-    if s.accelerator.is_main_process:
-        (s.run_dir / "config.yaml").write_text(dump_config(cfg))
+    run = build_run(cfg)
+    start = _resume(run) if cfg.resume else 0
     if start == 0:
-        _calibrate(s, sched)
-    logger = RunLogger(s.run_dir, cfg.report_to, cfg.to_dict(), main=s.accelerator.is_main_process,
+        calibrate(run)
+    if run.accelerator.is_main_process:  # the resolved config: what calibration decided included
+        (run.run_dir / "config.yaml").write_text(dump_config(run.resolved_config()))
+    logger = RunLogger(run.run_dir, cfg.report_to, cfg.to_dict(), main=run.accelerator.is_main_process,
                        resume=start > 0)
     if start == 0:
-        logger.write(0, s.probe_metrics())  # the probes' start values
+        logger.write(0, run.probe_metrics())  # the probes' start values
     stop = _StopFlag()
     try:
-        step, metrics = _loop(s, sched, start, logger, stop)
+        step, metrics = _loop(run, start, logger, stop)
     finally:
         stop.restore()
-    _save(s, step, sched)
+    _save(run, step)
     if stop.signal is not None:
         log.warning("stopped by signal %d at step %d; checkpoint saved, resume with resume=true",
                     stop.signal, step)
         logger.close()
-        return TrainResult(s.run_dir, s.run_dir / "model", step, metrics, stopped_early=True)
-    final = s.evaluate() if cfg.eval_file else {}
+        return TrainResult(run.run_dir, run.run_dir / "model", step, metrics, stopped_early=True)
+    final = run.evaluate() if cfg.eval_file else {}
     if final:
         logger.write(step, final)
     logger.close()
-    model_dir = s.save_final_model()
-    if s.accelerator.is_main_process:
-        write_model_card(s.run_dir, cfg, {**metrics, **final})
-    return TrainResult(s.run_dir, model_dir, step, {**metrics, **final})
+    model_dir = run.save_final_model()
+    if run.accelerator.is_main_process:
+        write_model_card(run.run_dir, cfg, {**metrics, **final}, calibrated=run.task.calibrated_values(run.state))
+    return TrainResult(run.run_dir, model_dir, step, {**metrics, **final})

@@ -61,12 +61,14 @@ def _method(cfg: TrainConfig) -> tuple[str, list[str], list[str], dict[str, Any]
     return f"`{cfg.method}` ({', '.join(parts)})", tags, papers, dict(obj.hyperparameters)
 
 
-def _calibrated(hp: dict[str, Any], metrics: dict[str, float]) -> dict[str, Any]:
-    """'auto' hyperparameters shown with the values the run resolved them to (from its metrics)."""
+def _calibrated(hp: dict[str, Any], calibrated: dict[str, Any], metrics: dict[str, float]) -> dict[str, Any]:
+    """'auto' hyperparameters shown with the values the run resolved them to: what its calibration step
+    decided (saved in the checkpoint and the resolved config.yaml), else its metrics."""
     out = dict(hp)
     for name, metric in (("gate_tau", "gate/tau"), ("gate_sharpness", "gate/sharpness")):
-        if out.get(name) == "auto" and metric in metrics:
-            out[name] = f"auto (calibrated: {metrics[metric]:.4g})"
+        value = calibrated.get(name, metrics.get(metric))
+        if out.get(name) == "auto" and value is not None:
+            out[name] = f"auto (calibrated: {value:.6g})"
     return out
 
 
@@ -122,11 +124,12 @@ def _usage(load_from: str) -> str:
 
 
 def model_card(cfg: TrainConfig, metrics: dict[str, Any], *, num_pairs: int | None = None,
-               load_from: str = "path/to/model") -> str:
-    """The text of a run's model card (see the module docstring)."""
+               load_from: str = "path/to/model", calibrated: dict[str, Any] | None = None) -> str:
+    """The text of a run's model card (see the module docstring). ``calibrated``: the values the run's
+    calibration step decided (``{"gate_tau": ...}``)."""
     description, tags, papers, hp = _method(cfg)
     values = _metrics(metrics)
-    hp = _calibrated(hp, values)
+    hp = _calibrated(hp, calibrated or {}, values)
     sections = [
         _front_matter(cfg, tags),
         f"# {Path(cfg.output_dir).name or 'poise model'}\n\nTrained with poise (preference optimization with balanced gradients) from "
@@ -154,7 +157,7 @@ def _num_pairs(run_dir: Path) -> int | None:
 
 
 def write_model_card(run_dir: str | Path, cfg: TrainConfig, metrics: dict[str, Any], *,
-                     repo_id: str | None = None) -> Path:
+                     repo_id: str | None = None, calibrated: dict[str, Any] | None = None) -> Path:
     """Write ``README.md`` into ``run_dir/model`` and return its path.
 
     Args:
@@ -162,12 +165,13 @@ def write_model_card(run_dir: str | Path, cfg: TrainConfig, metrics: dict[str, A
         cfg: the run's config.
         metrics: final metrics (``TrainResult.metrics``); numeric values are tabulated.
         repo_id: the Hub repository the card's loading example names; default the model folder.
+        calibrated: what the run's calibration step decided (``{"gate_tau": ...}``).
     """
     model_dir = Path(run_dir) / "model"
     if not model_dir.is_dir():
         raise ConfigError(f"{model_dir} does not exist: write the model card after the final model is saved.")
     text = model_card(cfg, metrics, num_pairs=_num_pairs(Path(run_dir)),
-                      load_from=repo_id or str(model_dir.resolve()))
+                      load_from=repo_id or str(model_dir.resolve()), calibrated=calibrated)
     path = model_dir / "README.md"
     path.write_text(text)
     return path

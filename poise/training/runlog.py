@@ -20,6 +20,12 @@ import torch
 log = logging.getLogger("poise")
 
 
+#: Metric names reduced by min / max (over micro-batches and ranks) instead of a pair-weighted mean:
+#: ``balance/kappa_min`` and ``gate/min`` alike.
+MIN_SUFFIXES = ("_min", "/min")
+MAX_SUFFIXES = ("_max", "/max")
+
+
 class MetricAccumulator:
     """Collects metric dicts of micro-batches, each with a weight (its pair count)."""
 
@@ -32,9 +38,9 @@ class MetricAccumulator:
     def add(self, metrics: dict[str, Any], weight: float) -> None:
         for k, v in metrics.items():
             v = float(v)
-            if k.endswith("_min"):
+            if k.endswith(MIN_SUFFIXES):
                 self.mins[k] = min(v, self.mins.get(k, math.inf))
-            elif k.endswith("_max"):
+            elif k.endswith(MAX_SUFFIXES):
                 self.maxs[k] = max(v, self.maxs.get(k, -math.inf))
             else:
                 self.sums[k] += v * weight

@@ -20,7 +20,8 @@ class Schedule:
         if self.per_epoch == 0:
             raise ConfigError(f"batch_size={batch_size} is larger than the training data ({len(lengths)} "
                               "usable items); lower batch_size.")
-        self.total = max_steps or max(1, math.ceil(epochs * self.per_epoch))
+        # round first: 0.07 * 100 is 7.000000000000001 in floating point, which is 7 steps, not 8
+        self.total = max_steps or max(1, math.ceil(round(epochs * self.per_epoch, 9)))
         self._epoch, self._batches = -1, []
 
     def batch(self, step: int) -> list[int]:

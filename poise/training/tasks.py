@@ -1,8 +1,10 @@
 """What one training stage computes on a micro-batch: the preference objective, or SFT.
 
 A task owns its items (pairs or sequences), collates them, counts the tokens that normalise its
-batch-level terms, and turns the policy's per-token log-probs into a loss. The trainer's loop is the
-same for both; it never looks at a loss name.
+batch-level terms, and turns the policy's per-token log-probs into a loss. It also owns the explicit
+state of what it trains (the balancers' state: Gate-DPO's calibrated threshold) and its calibration
+step. The trainer's loop is the same for both kinds; it never looks at a loss name, nor at whether a
+task has an objective.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class PreferenceTask:
     pairs: list[TokenizedPair]
     objective: Any
     pad_token_id: int
+    kind = "preference"
     ref_sums: torch.Tensor | None = None
     ref_model: nn.Module | None = None
     ref_disable_adapters: bool = False
@@ -97,12 +100,13 @@ class PreferenceTask:
             out = batch_logps(model, batch, chunk_size=self.chunk_size)
         return out, None
 
-    def loss(self, module, idx: Sequence[int], device, *, num_items: int, num_tokens: int):
+    def loss(self, module, idx: Sequence[int], device, *, state: dict[str, Any], num_items: int,
+             num_tokens: int):
         batch = self.collate(idx).to(device)
         pol = run_policy(module, batch)
         ref_out, ref_sums = self.reference(idx, batch, device)
         pl = pair_logps(pol, ref_out, ref_sums=ref_sums)
-        out = self.objective(pl, num_pairs=num_items, num_chosen_tokens=num_tokens)
+        out = self.objective(pl, state, num_pairs=num_items, num_chosen_tokens=num_tokens)
         metrics = out.metrics
         if self.diagnostics and torch.is_grad_enabled():
             metrics = {**metrics, **step_metrics(pl, out.loss, self.objective)}
@@ -120,11 +124,34 @@ class PreferenceTask:
         s = out.logps.sum(-1).float().cpu()
         return torch.stack([s[:len(idx)], s[len(idx):]], -1)
 
-    def calibrate(self, module, idx: Sequence[int], device, gather) -> None:
-        batch = self.collate(idx).to(device)
+    # -- the objective's explicit state and its calibration step ---------------------------------------
+    def init_state(self) -> dict[str, Any]:
+        return self.objective.init_state()
+
+    def needs_calibration(self, state: dict[str, Any]) -> bool:
+        return self.objective.needs_calibration(state)
+
+    def calibration_stats(self, module, idx: Sequence[int], device, micro_batch_size: int) -> dict[str, torch.Tensor]:
+        """Per-pair calibration statistics of these pairs under the current policy (no gradient), in
+        the order of ``idx``, computed micro-batch by micro-batch."""
+        parts: list[dict[str, torch.Tensor]] = []
         with torch.no_grad():
-            pol = run_policy(module, batch)
-        self.objective.calibrate(pair_logps(pol), gather=gather)
+            for i in range(0, len(idx), micro_batch_size):
+                batch = self.collate(idx[i:i + micro_batch_size]).to(device)
+                parts.append(self.objective.calibration_stats(pair_logps(run_policy(module, batch))))
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
+
+    def calibrate(self, state: dict[str, Any], stats: dict[str, torch.Tensor], gather=None) -> dict[str, Any]:
+        return self.objective.calibrate(state, stats, gather=gather)
+
+    def finish_calibration(self, state: dict[str, Any]) -> dict[str, Any]:
+        return self.objective.finish_calibration(state)
+
+    def calibrated_values(self, state: dict[str, Any]) -> dict[str, Any]:
+        return self.objective.calibrated_values(state)
+
+    def check_state(self, state: dict[str, Any]) -> None:
+        self.objective.check_state(state)
 
 
 @dataclass
@@ -133,7 +160,8 @@ class SFTTask:
 
     seqs: list[tuple[tuple[int, ...], tuple[int, ...]]]
     pad_token_id: int
-    objective: Any = None
+    kind = "sft"
+    objective = None  # nothing to balance, calibrate or probe
     lengths: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -148,7 +176,21 @@ class SFTTask:
     def real_tokens(self, idx: Sequence[int]) -> int:
         return sum(self.lengths[i] for i in idx)
 
-    def loss(self, module, idx: Sequence[int], device, *, num_items: int, num_tokens: int):
+    def init_state(self) -> dict[str, Any]:
+        return {}
+
+    def needs_calibration(self, state: dict[str, Any]) -> bool:
+        return False
+
+    def calibrated_values(self, state: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    def check_state(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"an SFT stage keeps no state but got {sorted(state)}")
+
+    def loss(self, module, idx: Sequence[int], device, *, state: dict[str, Any], num_items: int,
+             num_tokens: int):
         batch = collate_sequences([self.seqs[i] for i in idx], self.pad_token_id).to(device)
         pol = run_policy(module, batch)
         nll = -pol.logps.sum()  # logps are 0 off the completion tokens

@@ -74,3 +74,33 @@ def test_length_normalised_terms_use_the_chain_rule():
     out = Objective("simpo", balance=["balanced"])(b)
     gw, gl = math.sqrt(2 * 0.5) / 2, math.sqrt(0.82)
     assert out.metrics["balance/w_chosen_mean"].item() == pytest.approx(2 * gl / (gw + gl), abs=1e-12)
+
+
+def test_norm_variant_has_no_cancellation_in_float32():
+    """Every token of a side with p close to 1: 1 - 2p + sum p^2 cancels in float32 if computed literally
+    (w_rejected 0.333 against 0.018 in float64, found by an independent implementation). Computed as
+    (1-p)^2 + (sum p^2 - p^2) in float64: exact from float64 inputs; from float32 inputs the residual error
+    is that of the float32 statistic sum p^2 itself (~6e-8 absolute next to 1), a few percent here, where
+    the literal float32 formula is off by orders of magnitude."""
+    lp_w = torch.tensor([[-1e-4, -2e-4, -5e-5]], dtype=torch.float64)
+    lp_l = torch.tensor([[-0.7, -1.2, -0.4]], dtype=torch.float64)
+    p_w, p_l = lp_w.exp(), lp_l.exp()
+    sp_w = p_w ** 2 + (1 - p_w) ** 2 / 2  # the other tokens share 1 - p evenly between two of them
+    sp_l = p_l ** 2 + (1 - p_l) ** 2 / 3
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    ref = torch.zeros(1, dtype=torch.float64)
+
+    def weights(dtype):
+        b = PairLogps(lp_w.to(dtype), lp_l.to(dtype), mask, mask, ref_chosen=ref.to(dtype), ref_rejected=ref.to(dtype),
+                      chosen_stats={"sum_p2": sp_w.to(dtype)}, rejected_stats={"sum_p2": sp_l.to(dtype)})
+        m = Objective("dpo", balance=["balanced"])(b).metrics
+        return m["balance/w_chosen_mean"].item(), m["balance/w_rejected_mean"].item()
+
+    g_w = ((1 - p_w) ** 2 * 1.5).sum().sqrt().item()  # by hand: ||e_y - p||^2 = (1-p)^2 + (1-p)^2/2
+    g_l = ((1 - p_l) ** 2 * (1 + 1 / 3)).sum().sqrt().item()
+    expect = (2 * g_l / (g_w + g_l), 2 * g_w / (g_w + g_l))
+    assert weights(torch.float64) == pytest.approx(expect, rel=1e-9)
+    assert weights(torch.float32) == pytest.approx(expect, rel=0.1)
+    lp32, sp32 = lp_w.float(), sp_w.float()  # the literal formula on the same float32 inputs is far off
+    literal = (1 - 2 * lp32.exp() + sp32).clamp(min=0).sum().sqrt().item()
+    assert not literal == pytest.approx(g_w, rel=0.1)

@@ -85,32 +85,38 @@ def _phat_batch(values):
 
 
 def test_auto_calibration_on_the_first_pairs_then_frozen():
-    """tau = 0.25-quantile of phat over exactly the first 8 pairs; the gate is open (g = 1) until then."""
+    """tau = 0.25-quantile of phat over exactly the first 8 pairs, in a calibration step of its own; the
+    forward never calibrates, and refuses an uncalibrated gate."""
     obj = Objective("dpo", balance=["gate"], gate_calibration_pairs=8)
     first = _phat_batch([0.1, 0.2, 0.3, 0.4, 0.5])
-    m = obj(first).metrics
-    assert m["gate/calibrating"].item() == 1.0 and m["gate/min"].item() == 1.0
-    obj(_phat_batch([0.6, 0.7, 0.8, 0.01, 0.02]))  # only 0.6, 0.7, 0.8 are taken
+    with pytest.raises(ValueError, match="not calibrated"):
+        obj(first)
+    state = obj.calibrate(obj.init_state(), first)
+    assert obj.needs_calibration(state)
+    state = obj.calibrate(state, _phat_batch([0.6, 0.7, 0.8, 0.01, 0.02]))  # only 0.6, 0.7, 0.8 are taken
     expect = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], dtype=D).quantile(0.25).item()
-    assert obj.balancers[0].tau == pytest.approx(expect)
-    state = obj.state_dict()
+    assert state["gate"]["tau"] == pytest.approx(expect)
     fresh = Objective("dpo", balance=["gate"], gate_calibration_pairs=8)
-    fresh.load_state_dict(state)
-    assert not fresh.needs_calibration
-    assert fresh(first).metrics["gate/tau"].item() == pytest.approx(expect)
+    fresh.check_state(state)
+    assert not fresh.needs_calibration(state)
+    assert fresh(first, state).metrics["gate/tau"].item() == pytest.approx(expect)
+    # the calibrated threshold as a plain number builds the same gate (what config.yaml records)
+    numeric = Objective("dpo", balance=["gate"], **obj.calibrated_values(state))
+    assert numeric(first).metrics["gate/mean"].item() == fresh(first, state).metrics["gate/mean"].item()
 
 
 def test_explicit_calibration_with_gather():
     obj = Objective("dpo", balance=["gate"], gate_calibration_pairs=4)
     seen = []
-    obj.calibrate(_phat_batch([0.1, 0.2]), gather=lambda t: (seen.append(t), torch.cat([t, t + 0.5]))[1])
-    assert len(seen) == 1 and not obj.needs_calibration
-    assert obj.balancers[0].tau == pytest.approx(torch.tensor([0.1, 0.2, 0.6, 0.7], dtype=D).quantile(0.25).item())
+    state = obj.calibrate(obj.init_state(), _phat_batch([0.1, 0.2]),
+                          gather=lambda t: (seen.append(t), torch.cat([t, t + 0.5]))[1])
+    assert len(seen) == 1 and not obj.needs_calibration(state)
+    assert state["gate"]["tau"] == pytest.approx(torch.tensor([0.1, 0.2, 0.6, 0.7], dtype=D).quantile(0.25).item())
 
 
 def test_state_of_another_method_is_refused():
     with pytest.raises(ValueError, match="another method"):
-        Objective("dpo", balance=["gate"]).load_state_dict({})
+        Objective("dpo", balance=["gate"]).check_state({})
     with pytest.raises(ValueError, match="another method"):
-        Objective("dpo", balance=["ada"]).load_state_dict({"gate": {"tau": 0.1, "seen": []}})
-    Objective("dpo", balance=["ada"]).load_state_dict({})
+        Objective("dpo", balance=["ada"]).check_state({"gate": {"tau": 0.1, "seen": []}})
+    Objective("dpo", balance=["ada"]).check_state({})

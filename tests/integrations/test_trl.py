@@ -137,8 +137,10 @@ def test_training_steps(tiny, tmp_path, method):
     assert {"rewards/margins", "logps/chosen", "nll_loss", "entropy", "mean_token_accuracy"} <= set(logs[-1])
     if method == "adadpo":
         assert "balance/kappa_mean" in logs[-1] and logs[-1]["balance/kappa_mean"] > 0
-    if method == "gate-dpo":  # calibrated on the first batch (4 pairs), then the gate acts
-        assert logs[0]["gate/calibrating"] == 0.0 and logs[-1]["gate/tau"] > 0
+    if method == "gate-dpo":  # calibrated before step 1 on the first 4 pairs; the gate acts from step 1
+        tau = trainer.poise_state["gate"]["tau"]
+        assert tau > 0 and len(trainer.poise_state["gate"]["seen"]) == 4
+        assert all(r["gate/tau"] == pytest.approx(tau, rel=1e-6) for r in logs)
     assert "poise" in trainer.model.model_tags and method in trainer.model.model_tags
 
 
@@ -148,10 +150,10 @@ def test_gate_state_is_checkpointed_and_restored(tiny, tmp_path):
     first = _trainer(tiny, tmp_path, **kw)
     first.train()
     saved = json.loads((tmp_path / "out" / "checkpoint-2" / STATE_FILE).read_text())
-    assert saved["gate"]["tau"] == first.poise_objective.state_dict()["gate"]["tau"] > 0
+    assert saved["gate"]["tau"] == first.poise_state["gate"]["tau"] > 0
     second = _trainer(tiny, tmp_path, **{**kw, "max_steps": 3})
     second.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
-    assert second.poise_objective.state_dict()["gate"]["tau"] == saved["gate"]["tau"]
+    assert second.poise_state["gate"]["tau"] == saved["gate"]["tau"]
 
 
 def test_settings_poise_would_ignore_are_errors(tiny, tmp_path):

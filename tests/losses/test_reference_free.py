@@ -80,3 +80,42 @@ def test_orpo_finite_at_certainty():
     out = Objective("orpo")(b)
     out.loss.backward()
     assert torch.isfinite(out.loss) and torch.isfinite(b.chosen.grad).all()
+
+
+def _orpo_formula(a_w: float, a_l: float, lam: float) -> float:
+    """ORPO by hand in float64 (spec section 3): NLL(y_w) - lambda*log sigma(logodds_w - logodds_l)."""
+    def logodds(a):
+        return a - math.log(-math.expm1(a))
+    z = logodds(a_w) - logodds(a_l)
+    return -a_w + lam * math.log1p(math.exp(-z))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("a_w,a_l", [(-2e-6, -1e-7), (-1e-7, -2e-6), (-3e-7, -0.5), (-0.9, -4e-7)])
+def test_orpo_near_certainty_has_no_clamp_that_moves_the_value(dtype, a_w, a_l):
+    """Mean token log-probs in (-1e-6, 0): the value and the gradient are ORPO's formula (an earlier clamp at
+    -1e-6 gave 0.1099 for (-2e-6, -1e-7) where the formula gives 0.3045, and a gradient off by ~1e6)."""
+    lam = 0.1
+    one = torch.ones(1, 1, dtype=torch.bool)
+    cw = torch.tensor([[a_w]], dtype=dtype, requires_grad=True)
+    cl = torch.tensor([[a_l]], dtype=dtype, requires_grad=True)
+    out = Objective("orpo", orpo_lambda=lam)(PairLogps(cw, cl, one, one))
+    expect = _orpo_formula(a_w, a_l, lam)
+    assert out.loss.item() == pytest.approx(expect, rel=1e-12 if dtype == torch.float64 else 1e-5)
+    out.loss.backward()
+    h = 1e-3 * min(abs(a_w), abs(a_l))  # central differences in float64, well inside a < 0
+    d_w = (_orpo_formula(a_w + h, a_l, lam) - _orpo_formula(a_w - h, a_l, lam)) / (2 * h)
+    d_l = (_orpo_formula(a_w, a_l + h, lam) - _orpo_formula(a_w, a_l - h, lam)) / (2 * h)
+    tol = 1e-5 if dtype == torch.float64 else 1e-3
+    assert cw.grad.item() == pytest.approx(d_w, rel=tol)
+    assert cl.grad.item() == pytest.approx(d_l, rel=tol)
+
+
+def test_orpo_at_certainty_stays_finite():
+    """A = 0 exactly (every token certain) has log-odds +inf; the result is held finite, with a finite gradient."""
+    one = torch.ones(1, 1, dtype=torch.bool)
+    cw = torch.zeros(1, 1, requires_grad=True)
+    cl = torch.full((1, 1), -0.3, requires_grad=True)
+    out = Objective("orpo")(PairLogps(cw, cl, one, one))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and torch.isfinite(cw.grad).all() and torch.isfinite(cl.grad).all()

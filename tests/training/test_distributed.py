@@ -53,7 +53,7 @@ def test_a_launch_without_synchronisation_is_refused(make_cfg, monkeypatch):
 
 
 def test_diverged_replicas_are_detected():
-    from poise.training.build import Setup
+    from poise.training.build import RunState
 
     class Acc:
         device = torch.device("cpu")
@@ -61,7 +61,7 @@ def test_diverged_replicas_are_detected():
         def gather(self, t):
             return torch.cat([t, t + 1.0])
 
-    s = Setup.__new__(Setup)
+    s = RunState.__new__(RunState)
     s.accelerator, s.trainable = Acc(), [torch.nn.Parameter(torch.ones(3))]
     with pytest.raises(ConfigError, match="not synchronised"):
         s.check_replicas_agree()

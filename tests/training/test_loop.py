@@ -132,8 +132,8 @@ def test_nonfinite_loss_is_reported_with_its_pairs(make_cfg, monkeypatch, mode):
     real = Objective.__call__
     calls = {"n": 0}
 
-    def poisoned(self, batch, **kw):
-        out = real(self, batch, **kw)
+    def poisoned(self, batch, state=None, **kw):
+        out = real(self, batch, state, **kw)
         calls["n"] += 1
         if calls["n"] == 2:  # the second step's batch
             out.per_pair = out.per_pair + torch.tensor([float("nan")] + [0.0] * (len(out.per_pair) - 1))
@@ -158,3 +158,37 @@ def test_gradient_checkpointing_gives_the_same_weights(make_cfg):
     a = train(make_cfg(name="plain", method="adadpo", max_steps=2, diagnostics=False))
     b = train(make_cfg(name="ckpt", method="adadpo", max_steps=2, diagnostics=False, gradient_checkpointing=True))
     assert_same_params(params(a.run_dir), params(b.run_dir))
+
+
+def test_gate_calibrates_before_step_1_on_all_pairs_of_a_small_run(make_cfg, assets, tmp_path, caplog,
+                                                                   monkeypatch):
+    """32 training pairs, fewer than gate_calibration_pairs (256): the calibration step runs before step 1 on
+    all of them (logged), never during training; the threshold is in the checkpoint, the resolved config and
+    the model card; `poise eval` reads it and never recalibrates."""
+    import json
+
+    import yaml
+
+    from poise.eval.run import evaluate_run
+    from poise.objective import Objective
+
+    caplog.set_level("INFO", logger="poise")
+    res = train(make_cfg(method="gate-dpo", max_steps=3, eval_file=str(assets / "eval.jsonl")))
+    assert "calibrated on all of them" in caplog.text and "32 training pairs" in caplog.text
+    state = json.loads(sorted((res.run_dir / "checkpoints").glob("step-*"))[-1]
+                       .joinpath("trainer_state.json").read_text())["objective"]
+    tau = state["gate"]["tau"]
+    assert len(state["gate"]["seen"]) == 32 and 0 < tau < 1
+    rows = steps(res.run_dir)
+    assert rows and all("gate/calibrating" not in r for r in rows)
+    assert [r["gate/tau"] for r in rows] == pytest.approx([tau] * len(rows), rel=1e-5)  # logged to 6 digits
+    assert yaml.safe_load((res.run_dir / "config.yaml").read_text())["gate_tau"] == tau
+    assert f"auto (calibrated: {tau:.6g})" in (res.run_dir / "model" / "README.md").read_text()
+
+    def no_calibration(*a, **k):
+        raise AssertionError("poise eval recalibrated the gate")
+
+    monkeypatch.setattr(Objective, "calibrate", no_calibration)
+    monkeypatch.setattr(Objective, "finish_calibration", no_calibration)
+    out = evaluate_run(res.run_dir, num_prompts=2, max_new_tokens=2)
+    assert 0.0 <= out["reward_accuracy"] <= 1.0

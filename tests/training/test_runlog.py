@@ -160,3 +160,12 @@ def test_unequal_rank_weights():
     ranks = Ranks(2)
     out = ranks.reduce_all([accumulate(({"acc": 1.0, "d_min": 0.5}, 3)), accumulate(({"acc": 0.0, "d_min": 0.75}, 1))])
     assert out[0] == out[1] == approx({"acc": 0.75, "d_min": 0.5})  # (1*3 + 0*1) / 4; min(0.5, 0.75)
+
+
+def test_slash_min_and_max_keys_are_extremes_too():
+    """``gate/min``/``gate/max`` are the min/max over micro-batches, not a pair-weighted mean (0.375)."""
+    acc = MetricAccumulator()
+    acc.add({"gate/min": 0.25, "gate/max": 0.5}, 3)
+    acc.add({"gate/min": 0.75, "gate/max": 0.9}, 1)
+    out = acc.reduce()
+    assert out["gate/min"] == 0.25 and out["gate/max"] == 0.9

@@ -177,3 +177,9 @@ def test_batch_size_above_the_data_is_refused():
     with pytest.raises(ConfigError, match="batch_size=25 is larger than the training data"):
         Schedule(LENGTHS, 25, seed=0, epochs=1, max_steps=None)
     assert Schedule(LENGTHS, 24, seed=0, epochs=1, max_steps=None).per_epoch == 1
+
+
+def test_fractional_epochs_do_not_round_up_a_floating_point_excess():
+    """0.07 * 100 is 7.000000000000001 in floating point: 7 steps, not 8."""
+    assert Schedule([5] * 400, 4, seed=0, epochs=0.07, max_steps=None).total == 7
+    assert Schedule([5] * 200, 4, seed=0, epochs=0.14, max_steps=None).total == 7
