@@ -5,8 +5,8 @@ Only re-exports. The maths (``Objective``, the loss and balancer tables) loads a
 stays a torch-only import.
 """
 
+from poise.compose import Objective, objective
 from poise.errors import ConfigError, DataError, PoiseError
-from poise.objective import Objective, objective
 from poise.presets import PRESETS
 from poise.types import ObjectiveOutput, PairLogps
 

@@ -63,9 +63,9 @@ import trl
 from accelerate.utils import is_peft_model
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from poise.compose import Objective, resolve_method
 from poise.errors import ConfigError
 from poise.losses import LOSSES
-from poise.objective import Objective, resolve_method
 from poise.presets import PRESETS
 from poise.training.runlog import MAX_SUFFIXES, MIN_SUFFIXES
 from poise.types import PairLogps

@@ -144,7 +144,7 @@ class TrainConfig:
 
     def build_objective(self):
         """The objective this config trains (validates the method and its hyperparameters)."""
-        from poise.objective import resolve_method
+        from poise.compose import resolve_method
 
         if self.stage == "sft":
             if self.hyperparameters or self.balance:

@@ -59,7 +59,7 @@ def test_param_space_split_equals_detached_backward(setup):
     obj = poise.objective("dpo", beta=0.5)
     ref = torch.tensor([[-20.0, -30.0], [-25.0, -28.0], [-22.0, -26.0]])
     trainable = [p for p in model.parameters() if p.requires_grad]
-    m = probe.param_grads(model, obj, trainable, torch.device("cpu"), ref)
+    m = probe.param_grads(model, obj, obj.init_state(), trainable, torch.device("cpu"), ref)
     from poise.data import collate_pairs
 
     b = collate_pairs(pairs, 0)

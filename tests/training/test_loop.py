@@ -126,8 +126,8 @@ def test_eval_file_gives_held_out_metrics(make_cfg, assets):
 @pytest.mark.parametrize("mode", ["stop", "skip"])
 def test_nonfinite_loss_is_reported_with_its_pairs(make_cfg, monkeypatch, mode):
     """A NaN in one pair's loss: stop names the pair and keeps a checkpoint; skip drops the update."""
+    from poise.compose import Objective
     from poise.errors import NonFiniteError
-    from poise.objective import Objective
 
     real = Objective.__call__
     calls = {"n": 0}
@@ -169,8 +169,8 @@ def test_gate_calibrates_before_step_1_on_all_pairs_of_a_small_run(make_cfg, ass
 
     import yaml
 
+    from poise.compose import Objective
     from poise.eval.run import evaluate_run
-    from poise.objective import Objective
 
     caplog.set_level("INFO", logger="poise")
     res = train(make_cfg(method="gate-dpo", max_steps=3, eval_file=str(assets / "eval.jsonl")))
