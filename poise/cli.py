@@ -82,6 +82,16 @@ def cmd_config_docs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_methods_docs(args: argparse.Namespace) -> int:
+    """Rewrite the generated tables of docs/methods.md from the loss and balancer declarations."""
+    from poise.methodsdoc import update
+
+    path = Path(args.output)
+    path.write_text(update(path.read_text()))
+    print(f"wrote the generated tables of {path}")
+    return 0
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     """The built-in comparison on the testbed: a tiny model trained from scratch (poise/recipes/quickstart.py),
     or SmolLM2-135M-Instruct on its own samples (poise/recipes/quickstart_smollm2.py)."""
@@ -189,6 +199,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, Callable | N
     "plot": (cmd_plot, "overlay the curves of several runs", lambda p: _runs_args(p, plot=True)),
     "config-docs": (cmd_config_docs, "write the config reference (docs/config.md)",
                     lambda p: p.add_argument("--output", default="docs/config.md")),
+    "methods-docs": (cmd_methods_docs, "rewrite the generated tables of docs/methods.md",
+                     lambda p: p.add_argument("--output", default="docs/methods.md")),
 }
 
 

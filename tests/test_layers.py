@@ -16,7 +16,7 @@ LAYERS = [
     ("bottom", ["poise.types", "poise.ops", "poise.params", "poise.errors", "poise.seq"]),
     ("losses", ["poise.losses"]),
     ("balance", ["poise.balance"]),
-    ("objective", ["poise.compose", "poise.presets"]),
+    ("objective", ["poise.compose", "poise.presets", "poise.methodsdoc"]),
     ("data", ["poise.data"]),
     ("model", ["poise.model"]),
     ("diagnostics", ["poise.diagnostics"]),

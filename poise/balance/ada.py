@@ -54,8 +54,8 @@ def _orpo_log_ratio(seq: PairSeq) -> Tensor:
 #: Losses whose chosen term is a regression target (IPO, Cal-DPO): kappa is applied gradient-only, so
 #: that the target the term is regressed onto does not move.
 GRADIENT_ONLY = frozenset({"ipo", "caldpo"})
-#: Token-form log kappa where it is not A_w - A_l.
-LOG_RATIO = {"orpo": _orpo_log_ratio}
+#: Token-form log kappa where it is not A_w - A_l: loss -> (function, kappa as the docs write it).
+LOG_RATIO = {"orpo": (_orpo_log_ratio, "P_w(1-P_w) / (P_l(1-P_l)), P = exp(A)")}
 #: Losses for which only the token form is defined (ORPO's odds are of the mean token probability).
 TOKEN_FORM_ONLY = frozenset({"orpo"})
 
@@ -90,7 +90,7 @@ class Ada(Balancer):
         if self.hp["ada_space"] == "reference":
             d = seq.hbar_w - seq.hbar_l if token else seq.h_w - seq.h_l
         elif token:
-            d = LOG_RATIO[self.loss.name](seq) if self.loss.name in LOG_RATIO else seq.A_w - seq.A_l
+            d = LOG_RATIO[self.loss.name][0](seq) if self.loss.name in LOG_RATIO else seq.A_w - seq.A_l
         else:
             d = seq.S_w - seq.S_l
         return d.detach()
