@@ -7,7 +7,7 @@ rejected, so every prompt token goes through the model twice. Here pair ``i`` is
     segment     0  0  0 |  1  1  1  1 |  2  2 |  -1  -1
     position    0  1  2 |  3  4  5  6 |  3  4 |   0   0
 
-and the attention mask (built by :func:`poise.model.shared_prefix.attention_mask_4d` from ``segments``) lets a
+and the attention mask (built by :func:`poise.model.shared_mask.attention_mask_4d` from ``segments``) lets a
 token see the earlier tokens of the prompt and of its own segment only: the rejected tokens never see
 the chosen ones, and their position ids restart where the prompt ends. Each completion token is then
 computed exactly as in its own row ``prompt + completion``: the log-probs agree with the usual layout up

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from poise.model.generate import generate
 from poise.testbed.task import (
     NUMBERS,
     OPS,
@@ -191,13 +192,11 @@ def onpolicy_pairs(
 ) -> list[dict[str, Any]]:
     """Pairs sampled from ``model``: the labeller's best and worst of ``samples_per_prompt`` samples.
 
-    Responses are sampled with :func:`poise.testbed.evaluate.generate` (seeded by ``seed``; each
+    Responses are sampled with :func:`poise.model.generate.generate` (seeded by ``seed``; each
     prompt repeated ``samples_per_prompt`` times in a row). Empty responses are dropped; a prompt
     whose remaining distinct samples are fewer than two, or whose best and worst tie under the
     labeller, is left out. The label is then flipped with probability ``label_noise``.
     """
-    from poise.testbed.evaluate import generate
-
     _check_labeller(label_noise, length_bias)
     if samples_per_prompt < 2:
         raise ValueError(f"samples_per_prompt must be at least 2, got {samples_per_prompt}")
