@@ -11,6 +11,8 @@ generated docs/config.md.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -202,6 +204,8 @@ def _check_union(name: str, value: Any, tp: Any) -> Any:
 def _check_scalar(name: str, value: Any, tp: type) -> Any:
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name}: {value!r} is not a finite number; give a number.")
     if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
         raise ConfigError(f"{name}: {value!r} has the wrong type; expected {tp.__name__}.")
     return value
@@ -222,31 +226,49 @@ def _type_text(tp: Any) -> str:
 _HINTS = typing.get_type_hints(TrainConfig)
 
 
-def from_dict(raw: dict[str, Any], *, source: str = "config") -> TrainConfig:
-    """Build and fully validate a config (without loading any model or data)."""
+def from_dict(raw: dict[str, Any], *, source: str = "config", origins: dict[str, str] | None = None) -> TrainConfig:
+    """Build and fully validate a config (without loading any model or data). ``origins`` names where a
+    key came from when not from ``source`` (``{"beta": "beta=2 on the command line"}``): an error about
+    that key names it instead of the file."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: a config is a mapping of keys to values, got {type(raw).__name__}.")
+    origins = origins or {}
     known: dict[str, Any] = {}
     hyper: dict[str, Any] = {}
     for key, value in raw.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"{source}: the key {key!r} is not a name; config keys are names like beta or "
+                              "learning_rate.")
         if key in TRAINER_FIELDS:
-            known[key] = _check_type(f"{source}: {key}", value, _HINTS[key])
+            known[key] = _check_type(origins.get(key, f"{source}: {key}"), value, _HINTS[key])
         else:
             hyper[key] = value
     cfg = TrainConfig(**known, hyperparameters=hyper)
-    _validate(cfg, source)
+    _validate(cfg, source, origins)
     return cfg
 
 
-def _validate(cfg: TrainConfig, source: str) -> None:
-    _validate_method(cfg, source)
-    for check in (_check_required, _check_sizes, _check_ranges):
+def _where(msg: str, source: str, origins: dict[str, str]) -> str:
+    """The override a message is about (the first key of ``origins`` it names), else the file."""
+    for key, label in origins.items():
+        if re.search(rf"(?<![\w.]){re.escape(key)}(?![\w])", msg):
+            return label
+    return source
+
+
+def _validate(cfg: TrainConfig, source: str, origins: dict[str, str] | None = None) -> None:
+    origins = origins or {}
+    _validate_method(cfg, source, origins)
+    for check in (_check_required, _check_sizes, _check_ranges, _check_optimizer, _check_lora):
         problem = check(cfg)
         if problem:
-            raise ConfigError(f"{source}: {problem}")
+            raise ConfigError(f"{_where(problem, source, origins)}: {problem}")
 
 
-def _validate_method(cfg: TrainConfig, source: str) -> None:
+def _validate_method(cfg: TrainConfig, source: str, origins: dict[str, str] | None = None) -> None:
+    origins = origins or {}
+    if cfg.stage != "sft":
+        _check_method_keys(cfg, source, origins)
     try:
         cfg.build_objective()
     except ConfigError as e:
@@ -255,7 +277,60 @@ def _validate_method(cfg: TrainConfig, source: str) -> None:
             hint = suggest(key, TRAINER_FIELDS) if f"'{key}'" in msg and "does not take" in msg else ""
             if hint:
                 msg += f" (If you meant the trainer setting:{hint})"
-        raise ConfigError(f"{source}: {msg}") from None
+        raise ConfigError(f"{_where(msg, source, origins)}: {msg}") from None
+
+
+def _method_params(method: str, balance: list[str]) -> set[str] | None:
+    """The hyperparameters that ``method`` (+ ``balance``) takes, or None when it does not resolve."""
+    from poise.compose import resolve_method
+
+    try:
+        return set(resolve_method(method, balance).hyperparameters)
+    except ConfigError:
+        return None
+
+
+def _check_method_keys(cfg: TrainConfig, source: str, origins: dict[str, str]) -> None:
+    """Every key the method does not take, in one message with the fix (switching ``method`` on a config
+    written for another one leaves several: ``poise train configs/adadpo.yaml method=dpo``)."""
+    from poise.balance import BALANCERS
+    from poise.losses import LOSSES
+    from poise.presets import PRESETS
+
+    valid = _method_params(cfg.method, cfg.balance)
+    extra = [k for k in cfg.hyperparameters if valid is not None and k not in valid]
+    if not extra:
+        return
+    owners: dict[str, list[tuple[str, str]]] = {}
+    for spec in LOSSES.values():
+        for prm in spec.params:
+            owners.setdefault(prm.name, []).append(("loss", spec.name))
+    for cls in BALANCERS.values():
+        for prm in cls.params:
+            owners.setdefault(prm.name, []).append(("balancer", cls.name))
+    parts = []
+    for k in extra:
+        who = [f"{kind} {name!r}" for kind, name in owners.get(k, [])]
+        parts.append(f"{k!r} (of the {', '.join(who[:3])}{', ...' if len(who) > 3 else ''})" if who else
+                     f"{k!r} (not a trainer setting, and no loss or balancer takes it."
+                     f"{suggest(k, list(valid) + list(TRAINER_FIELDS))})")
+    keys = set(cfg.hyperparameters)
+    takers = [m for m in list(PRESETS) + list(LOSSES)
+              if (ps := _method_params(m, cfg.balance)) is not None and keys <= ps]
+    fix = [f"remove {'them' if len(extra) > 1 else 'it'}"]
+    if takers:
+        them = "every method key of the config" if len(keys) > 1 else "it"
+        fix.append(f"use a method that takes {them}: {', '.join(takers[:5])}")
+    needed = sorted({name for k in extra for kind, name in owners.get(k, []) if kind == "balancer"})
+    if needed and (ps := _method_params(cfg.method, [*cfg.balance, *needed])) is not None and keys <= ps:
+        fix.append(f"keep the method and add balance: {[*cfg.balance, *needed]}")
+    where = next((origins[k] for k in extra if k in origins),
+                 origins.get("method", origins.get("balance", source)))
+    file_note = f" (in {source})" if any(k not in origins for k in extra) and where != source else ""
+    method = f"method {cfg.method!r}" + (f" with balance: {cfg.balance}" if cfg.balance else "")
+    n = f"{len(extra)} keys" if len(extra) > 1 else "the key"
+    raise ConfigError(f"{where}: {method} does not take {n} of the config{file_note}: {'; '.join(parts)}. "
+                      f"Fix: {', or '.join(fix)}. The keys {method} takes: {', '.join(sorted(valid))}.")
 
 
 def _check_required(cfg: TrainConfig) -> str | None:
@@ -268,12 +343,39 @@ def _check_sizes(cfg: TrainConfig) -> str | None:
                  "logging_steps", "save_total_limit", "probe_pairs"):
         if getattr(cfg, name) < 1:
             return f"{name} must be at least 1, got {getattr(cfg, name)}."
+    for name in ("save_steps", "eval_steps", "diagnostics_steps", "lora_r"):
+        if getattr(cfg, name) < 0:
+            fix = " (0 trains every weight; a LoRA rank is positive, e.g. 8 or 16)" if name == "lora_r" else \
+                " (0 switches it off)"
+            return f"{name} must be 0 or more, got {getattr(cfg, name)}{fix}."
     if cfg.batch_size % cfg.micro_batch_size:
         return (f"batch_size={cfg.batch_size} is not a multiple of micro_batch_size={cfg.micro_batch_size}; "
                 "make it one (the quotient is gradient accumulation).")
     if cfg.max_prompt_length >= cfg.max_length:
         return (f"max_prompt_length ({cfg.max_prompt_length}) must be below max_length ({cfg.max_length}) "
                 "to leave room for the completion.")
+    return None
+
+
+def _check_optimizer(cfg: TrainConfig) -> str | None:
+    if len(cfg.adam_betas) != 2 or not all(0 <= b < 1 for b in cfg.adam_betas):
+        return f"adam_betas must be two numbers in [0, 1), e.g. [0.9, 0.999]; got {cfg.adam_betas}."
+    if cfg.weight_decay < 0:
+        return f"weight_decay must be 0 or more, got {cfg.weight_decay}."
+    if cfg.max_grad_norm is not None and cfg.max_grad_norm <= 0:
+        return f"max_grad_norm must be positive (or null to disable clipping), got {cfg.max_grad_norm}."
+    return None
+
+
+def _check_lora(cfg: TrainConfig) -> str | None:
+    if cfg.lora_r == 0:
+        return None
+    if not 0 <= cfg.lora_dropout < 1:
+        return f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}."
+    if cfg.lora_alpha <= 0:
+        return f"lora_alpha must be positive, got {cfg.lora_alpha}."
+    if isinstance(cfg.lora_target_modules, list) and not cfg.lora_target_modules:
+        return "lora_target_modules is an empty list: name the modules (e.g. [q_proj, v_proj]) or use all-linear."
     return None
 
 
@@ -292,29 +394,113 @@ def _check_ranges(cfg: TrainConfig) -> str | None:
     return None
 
 
+class ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (at any depth; YAML would keep
+    the last silently) and reads ``1e-3`` as the number 0.001, as YAML 1.2 does (YAML 1.1, PyYAML's
+    dialect, needs a dot and a signed exponent: ``1.0e-3``)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            self.flatten_mapping(node)
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                line = key_node.start_mark.line + 1
+                if first is not None:
+                    raise DuplicateKeyError(key, first, line)
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key: Any, first: int, line: int) -> None:
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.first, self.line = key, first, line
+
+
+_EXP_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", _EXP_FLOAT, list("-+0123456789."))
+
+
+def _yaml_error(e: yaml.YAMLError, where: str, text: str) -> ConfigError:
+    """A YAML error as one sentence with the line (``where`` names the file or the override)."""
+    if isinstance(e, DuplicateKeyError):
+        return ConfigError(f"{where}, line {e.line}: the key {e.key!r} is given twice (first on line {e.first}); "
+                           "YAML would silently keep the last one. Keep one of them.")
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    line = f", line {mark.line + 1}" if mark is not None else ""
+    problem = getattr(e, "problem", None) or str(e)
+    if "'\\t'" in problem:
+        lines = text.splitlines()
+        bad = lines[mark.line] if mark is not None and mark.line < len(lines) else ""
+        what = "indents with a tab" if "\t" in bad[:len(bad) - len(bad.lstrip())] else "has a tab character"
+        return ConfigError(f"{where}{line}: the line {what}; YAML indents with spaces only. Replace the tab "
+                           "with spaces (e.g. two per level).")
+    context = getattr(e, "context", None)
+    detail = f"{context}: {problem}" if context else problem
+    return ConfigError(f"{where}{line}: not valid YAML ({detail}). Fix the line (YAML: `key: value`, "
+                       "one per line, nested keys indented with spaces).")
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """Parse config text with :class:`ConfigLoader`; errors name ``where`` and the line."""
+    try:
+        return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise _yaml_error(e, where, text) from None
+
+
 def parse_override(item: str) -> tuple[str, Any]:
-    """``key=value`` from the command line; the value is parsed as YAML (so 0.1, true, null, [a, b])."""
+    """``key=value`` from the command line; the value is parsed as YAML (so 0.1, 1e-3, true, null, [a, b])."""
     if "=" not in item:
-        raise ConfigError(f"override {item!r} is not key=value (e.g. beta=0.05 or resume=true).")
+        raise ConfigError(f"override {item!r} on the command line is not key=value (e.g. beta=0.05 or "
+                          "resume=true).")
     key, value = item.split("=", 1)
-    return key.strip(), yaml.safe_load(value) if value != "" else ""
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} on the command line has no key; write key=value (e.g. beta=0.05).")
+    if key.startswith("-"):
+        raise ConfigError(f"override {item!r} on the command line: write key=value without dashes "
+                          f"({key.lstrip('-')}={value}).")
+    if value == "":
+        return key, ""
+    try:
+        return key, yaml.load(value, Loader=ConfigLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{item} on the command line: not a valid YAML value ({problem}). Write a number, "
+                          "true/false, null, a string, or a list as [a, b] (quote the whole override in the "
+                          "shell).") from None
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
-    """Read a YAML config (``yaml.safe_load``), apply ``key=value`` overrides, validate."""
+    """Read a YAML config (safe loading, duplicate keys refused), apply ``key=value`` overrides, validate.
+    An error in an override names the override (``learning_rate=abc on the command line: ...``)."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; give the YAML config file (e.g. configs/dpo.yaml).")
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file.")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e}).") from None
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the config as UTF-8.") from None
+    raw = parse_yaml(text, str(path))
+    if raw is None:
+        raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a config is a mapping of keys to values.")
+        raise ConfigError(f"{path}: a config is a mapping of keys to values (`key: value` lines), got "
+                          f"{type(raw).__name__}.")
+    origins: dict[str, str] = {}
     for item in overrides:
         k, v = parse_override(item)
         raw[k] = v
-    return from_dict(raw, source=str(path))
+        origins[k] = f"{item} on the command line"
+    return from_dict(raw, source=str(path), origins=origins)
 
 
 def dump_config(cfg: TrainConfig) -> str:

@@ -98,3 +98,75 @@ def test_train_help_lists_every_field():
     out = subprocess.run([sys.executable, "-m", "poise", "train", "--help"], capture_output=True, text=True).stdout
     for name in TRAINER_FIELDS:
         assert f"    {name} (" in out
+
+
+@pytest.mark.parametrize("text,match", [
+    ("model: m\ntrain_file: d.jsonl\nbeta: 0.1\nbeta: 0.2\n", r"c.yaml, line 4: the key 'beta' is given twice \(first on line 3\)"),
+    ("model: m\ntrain_file: d.jsonl\ncolumns:\n  prompt: q\n  prompt: p\n", r"line 5: the key 'prompt' is given twice"),
+    ("model: m\ntrain_file: d.jsonl\ncolumns:\n\tprompt: q\n", r"c.yaml, line 4: the line indents with a tab; YAML indents with spaces"),
+    ("model: m\ntrain_file: d.jsonl\nmethod: [dpo\n", r"c.yaml, line \d: not valid YAML"),
+])
+def test_yaml_mistakes_name_the_file_and_line(tmp_path, text, match):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_config(p)
+
+
+@pytest.mark.parametrize("text", ["1e-3", "1E-3", "1.0e-3", "+1e-3", ".1e-2", "0.001"])
+def test_exponent_numbers_are_floats_in_files_and_overrides(tmp_path, text):
+    """PyYAML (YAML 1.1) reads 1e-3 as a string; poise reads it as YAML 1.2 does, the number."""
+    p = tmp_path / "c.yaml"
+    p.write_text(f"model: m\ntrain_file: d.jsonl\nlearning_rate: {text}\n")
+    assert load_config(p).learning_rate == pytest.approx(0.001)
+    p.write_text("model: m\ntrain_file: d.jsonl\n")
+    assert load_config(p, [f"learning_rate={text}"]).learning_rate == pytest.approx(0.001)
+
+
+@pytest.mark.parametrize("override,match", [
+    ("learning_rate=abc", r"^learning_rate=abc on the command line: 'abc' has the wrong type; expected float"),
+    ("beta=high", r"^beta=high on the command line: beta='high'"),
+    ("lora_r=-4", r"^lora_r=-4 on the command line: lora_r must be 0 or more"),
+    ("columns={prompt: q", r"^columns=\{prompt: q on the command line: not a valid YAML value"),
+    ("--beta=0.1", r"without dashes \(beta=0.1\)"),
+    ("=3", r"has no key"),
+    ("gate_tau=0.1", r"^gate_tau=0.1 on the command line: method 'dpo' does not take"),
+])
+def test_an_error_in_an_override_names_the_override(tmp_path, override, match):
+    p = tmp_path / "c.yaml"
+    p.write_text("model: m\ntrain_file: d.jsonl\nmethod: dpo\n")
+    with pytest.raises(ConfigError, match=match) as e:
+        load_config(p, [override])
+    assert "c.yaml:" not in str(e.value)
+
+
+def test_switching_method_on_a_shipped_config_lists_every_key_it_does_not_take(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text((ROOT / "configs" / "adadpo.yaml").read_text() + "ada_floor: 1.0\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p, ["method=dpo"])
+    msg = str(e.value)
+    assert msg.startswith("method=dpo on the command line: method 'dpo' does not take 2 keys")
+    assert "'ada_clip'" in msg and "'ada_floor'" in msg and "balancer 'ada'" in msg
+    assert "remove them" in msg and "adadpo" in msg and "balance: ['ada']" in msg
+    p.write_text((ROOT / "configs" / "gate-dpo.yaml").read_text())
+    with pytest.raises(ConfigError, match=r"'gate_estimator'.*'gate_tau'.*gate-dpo"):
+        load_config(p, ["method=ipo"])
+
+
+@pytest.mark.parametrize("raw,match", [
+    ({"lora_r": -4}, r"lora_r must be 0 or more, got -4"),
+    ({"adam_betas": [0.9]}, r"adam_betas must be two numbers in \[0, 1\)"),
+    ({"adam_betas": [0.9, 0.999, 0.5]}, r"adam_betas must be two numbers"),
+    ({"adam_betas": [0.9, 1.0]}, r"adam_betas must be two numbers"),
+    ({"adam_betas": [-0.1, 0.99]}, r"adam_betas must be two numbers"),
+    ({"weight_decay": -0.1}, r"weight_decay"),
+    ({"max_grad_norm": 0}, r"max_grad_norm must be positive"),
+    ({"lora_r": 8, "lora_dropout": 1.0}, r"lora_dropout"),
+    ({"save_steps": -1}, r"save_steps must be 0 or more"),
+    ({"learning_rate": float("nan")}, r"learning_rate: nan is not a finite number"),
+    ({3: 1}, r"the key 3 is not a name"),
+])
+def test_field_ranges(raw, match):
+    with pytest.raises(ConfigError, match=match):
+        from_dict({**BASE, "method": "dpo", **raw}, source="cfg.yaml")
