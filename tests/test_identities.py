@@ -9,6 +9,7 @@ import torch
 from poise import Objective, PairLogps, objective
 
 D = torch.float64
+REF_FREE = ("simpo", "cpo", "orpo", "simper")
 
 
 def one_token_pair(p_w, p_l, ref=(0.0, 0.0), leaf="logp"):
@@ -69,7 +70,8 @@ def test_3_token_form_kappa_and_ceiling():
     assert capped == pytest.approx(min(math.exp(1.3), 2.0), abs=1e-12)
 
 
-@pytest.mark.parametrize("base", ["dpo", "ipo", "caldpo", "dposhift", "simpo", "cpo", "orpo", "hinge", "rdpo"])
+@pytest.mark.parametrize("base", ["dpo", "ipo", "caldpo", "dposhift", "simpo", "cpo", "orpo", "hinge", "rdpo",
+                                  "dpop", "nca", "apozero", "apodown", "simper", "dponorm"])
 def test_4_gradient_only_gate(base):
     """Loss value equals the base loss; rejected token gradients are g times the base's; chosen unchanged."""
     g0 = torch.Generator().manual_seed(3)
@@ -77,7 +79,7 @@ def test_4_gradient_only_gate(base):
     r = (-0.05 - torch.rand(3, 5, generator=g0, dtype=D) * 2).requires_grad_()
     mc = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
     mr = torch.tensor([[1, 1, 1, 1, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
-    kw = {} if base in ("simpo", "cpo", "orpo") else dict(ref_chosen=-torch.rand(3, generator=g0, dtype=D) * 4,
+    kw = {} if base in REF_FREE else dict(ref_chosen=-torch.rand(3, generator=g0, dtype=D) * 4,
                                                           ref_rejected=-torch.rand(3, generator=g0, dtype=D) * 4)
     b = PairLogps(c, r, mc, mr, **kw)
     base_out = Objective(base)(b)
@@ -99,7 +101,7 @@ NEUTRAL = {
 
 
 @pytest.mark.parametrize("base", ["dpo", "cdpo", "robust", "ipo", "hinge", "rdpo", "caldpo", "dposhift",
-                                  "simpo", "cpo", "orpo"])
+                                  "simpo", "cpo", "orpo", "dpop", "nca", "apozero", "apodown", "simper", "dponorm"])
 @pytest.mark.parametrize("which", list(NEUTRAL) + ["balanced"])
 def test_5_neutral_balancer_reproduces_the_base(base, which):
     """kappa = 1, g = 1 or w = 1 give exactly the base loss's value and gradient."""
@@ -107,7 +109,7 @@ def test_5_neutral_balancer_reproduces_the_base(base, which):
     r = torch.tensor([[-0.7, -1.3], [-1.0, -3.0]], dtype=D, requires_grad=True)
     m = torch.ones(2, 2, dtype=torch.bool)
     stats = {"sum_p2": torch.full((2, 2), 0.6, dtype=D)}
-    kw = {} if base in ("simpo", "cpo", "orpo") else dict(ref_chosen=torch.tensor([-1.0, -2.0], dtype=D),
+    kw = {} if base in REF_FREE else dict(ref_chosen=torch.tensor([-1.0, -2.0], dtype=D),
                                                           ref_rejected=torch.tensor([-2.5, -3.0], dtype=D))
     if which == "balanced":  # w = 1 exactly when both branches have the same statistics
         r = c.detach().clone().requires_grad_()

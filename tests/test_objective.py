@@ -42,16 +42,19 @@ from poise.seq import PairSeq
 # What the spec documents (sections 3, 5, 9). Used to state expectations independently of the code.
 # --------------------------------------------------------------------------------------------------
 
-#: Spec section 3, "reference" column.
+#: Spec sections 3 and 10, "reference" column.
 SPEC_NEEDS_REFERENCE = {
     "dpo": True, "cdpo": True, "robust": True, "ipo": True, "hinge": True, "rdpo": True,
     "caldpo": True, "dposhift": True, "simpo": False, "cpo": False, "orpo": False,
+    "dpop": True, "nca": True, "apozero": True, "apodown": True, "simper": False, "dponorm": True,
 }
 #: Spec section 5: AdaDPO's sequence form is not defined for ORPO (its odds live on the mean token
 #: probability); everything else composes (section 4: "A balancer composes with any base loss").
 SPEC_ADA_TOKEN_ONLY = {"orpo"}
-#: Spec section 5 table: bases on which AdaDPO's kappa is applied gradient-only.
-SPEC_ADA_GRADIENT_ONLY = {"ipo", "caldpo"}
+#: Spec section 5 table: bases on which AdaDPO's kappa is applied gradient-only; plus the section 10
+#: baselines whose chosen term is not one margin with the rejected (a target, a non-monotone or a
+#: separable bounded term), as decided in poise/balance/ada.py (the spec leaves them to it).
+SPEC_ADA_GRADIENT_ONLY = {"ipo", "caldpo", "nca", "apozero", "apodown", "simper"}
 #: Spec section 9.
 SPEC_PRESETS = {
     "adadpo": ("dpo", ("ada",)), "ada-simpo": ("simpo", ("ada",)), "ada-ipo": ("ipo", ("ada",)),
@@ -488,6 +491,8 @@ def test_metrics(combo):
         r = [obj.hyperparameters["beta"] * (s - rr) for s, rr in zip(S, R)]
     elif combo.loss == "cpo":
         r = [obj.hyperparameters["beta"] * s for s in S]
+    elif combo.loss == "simper":  # no hyperparameter, so no scale: r = A, the log inverse perplexity
+        r = [s / k for s, k in zip(S, n)]
     else:
         scale = obj.hyperparameters.get("beta", obj.hyperparameters.get("orpo_lambda"))
         r = [scale * s / k for s, k in zip(S, n)]
@@ -715,6 +720,9 @@ def test_bad_hyperparameter_values_are_config_errors(loss, balance, param):
     ({"loss": "dpo", "balance": ["ada"], "ada_form": "seq"}, "ada_form"),
     ({"loss": "dpo", "balance": ["balanced"], "balanced_variant": "l2"}, "balanced_variant"),
     ({"loss": "orpo", "orpo_lambda": 0}, "orpo_lambda"),
+    ({"loss": "dpop", "dpop_lambda": -1.0}, "dpop_lambda"),
+    ({"loss": "dponorm", "beta": 0}, "beta"),
+    ({"loss": "simper", "beta": 0.1}, "beta"),
 ])
 def test_named_config_errors(kw, key):
     with pytest.raises(ConfigError) as err:
@@ -728,6 +736,8 @@ SPEC_DEFAULTS = {
     "cdpo": {"label_smoothing": 0.1}, "robust": {"label_smoothing": 0.1}, "rdpo": {"alpha": 0.05},
     "cpo": {"beta": 0.1, "cpo_alpha": 1.0}, "orpo": {"orpo_lambda": 0.1}, "dposhift": {"shift": 0.75},
     "ipo": {"beta": 0.1}, "hinge": {"beta": 0.1}, "caldpo": {"beta": 0.1},
+    "dpop": {"beta": 0.1, "dpop_lambda": 50.0}, "nca": {"beta": 0.1}, "apozero": {"beta": 0.1},
+    "apodown": {"beta": 0.1}, "simper": {}, "dponorm": {"beta": 5.0},
 }
 SPEC_BALANCER_DEFAULTS = {
     "ada": {"ada_form": "token", "ada_space": "policy", "ada_clip": 2.0, "ada_floor": None,
@@ -741,6 +751,7 @@ SPEC_ACCEPTED = [
     ("dposhift", (), {"shift": 1.0}), ("dposhift", (), {"shift": 1e-3}), ("dpo", ("gate",), {"gate_tau": 1.0}),
     ("dpo", ("gate",), {"gate_tau": 1e-6, "gate_sharpness": 1e6}), ("dpo", ("ada",), {"ada_clip": None}),
     ("dpo", ("ada",), {"ada_floor": 1.0}), ("dpo", (), {"beta": 1}), ("dpo", (), {"nll_weight": 1.0}),
+    ("dpop", (), {"dpop_lambda": 0.0}),
 ]
 
 
@@ -750,6 +761,7 @@ def test_defaults_and_ranges_match_spec():
         assert {k: hp[k] for k in defaults} == defaults, loss
         assert hp["nll_weight"] == 0.0
     assert "beta" not in Objective(loss="orpo").hyperparameters
+    assert Objective(loss="simper").hyperparameters == {"nll_weight": 0.0}  # SimPER: no hyperparameter
     for b, defaults in SPEC_BALANCER_DEFAULTS.items():
         hp = Objective(loss="dpo", balance=[b]).hyperparameters
         assert {k: hp[k] for k in defaults} == defaults, b

@@ -51,9 +51,27 @@ def _orpo_log_ratio(seq: PairSeq) -> Tensor:
 # AdaDPO's constructions for the other losses (spec section 5, table). They live here, not in the loss
 # table: a loss knows nothing of the balancers composed with it. Any loss not named below gets the
 # DPO construction (kappa from A_w - A_l, applied as forward scaling of the chosen term).
-#: Losses whose chosen term is a regression target (IPO, Cal-DPO): kappa is applied gradient-only, so
-#: that the target the term is regressed onto does not move.
-GRADIENT_ONLY = frozenset({"ipo", "caldpo"})
+#: Losses on which kappa is applied gradient-only (dL/dt_w scaled by kappa, the loss value kept).
+#: Spec section 5: the chosen term is a regression target (IPO, Cal-DPO), so that the target does not
+#: move. Decided here for the baselines of spec section 10, whose chosen term is not coupled to the
+#: rejected one through a single margin u = beta*(t_w - t_l), so that forward scaling (beta_w =
+#: beta*kappa) would not scale the chosen gradient by kappa relative to the rejected one as it does
+#: for DPO (where both share sigma(-u)):
+#:   nca:     its chosen part has its minimum at beta*h_w = ln 2, a target; forward scaling would move
+#:            it to ln 2/(beta*kappa) (the IPO/Cal-DPO rule);
+#:   apodown: not monotone in h_w (pushed down alone, up in the margin); forward scaling would move the
+#:            point where the two pushes cancel, i.e. change the loss's anchor, not its balance;
+#:   apozero: monotone but separable and bounded: the forward gradient kappa*sigma'(beta*kappa*h_w)
+#:            is not kappa times sigma'(beta*h_w), and is smaller than the base's once the sigmoid
+#:            saturates (kappa = 2 at beta*h_w = 3 gives 0.11x, not 2x), weakening what it means to strengthen;
+#:   simper:  separable, no beta: forward scaling turns exp(A_w) into exp(kappa*A_w), no longer the
+#:            inverse perplexity, with a gradient kappa*exp(kappa*A_w) that is below the base's for
+#:            kappa > 1 whenever A_w < -ln(kappa)/(kappa - 1).
+#: dpop and dponorm keep DPO's forward construction: both are -log sigma of one margin (dpop's
+#: penalty depends on h_w only, so kappa*h_w scales the whole chosen reward h_w - lambda*max(0, -h_w)
+#: by kappa, as beta_w = beta*kappa): the ratio of the chosen to the rejected gradient is the base's
+#: times exactly kappa, as for DPO (identity 3).
+GRADIENT_ONLY = frozenset({"ipo", "caldpo", "nca", "apozero", "apodown", "simper"})
 #: Token-form log kappa where it is not A_w - A_l: loss -> (function, kappa as the docs write it).
 LOG_RATIO = {"orpo": (_orpo_log_ratio, "P_w(1-P_w) / (P_l(1-P_l)), P = exp(A)")}
 #: Losses for which only the token form is defined (ORPO's odds are of the mean token probability).

@@ -10,6 +10,12 @@ Variant "norm" (default): equal logit-space gradient norm for the two branches, 
 For losses whose term is not a sequence log-prob (A, hbar: divide by |y|; ORPO's log-odds: also by
 1 - P) G is that of the term, by the chain rule; for h and S it is exactly the spec's.
 
+The weights equalise the branches' geometry (what the model makes of a push on each term), not the
+weight a loss gives its two terms on purpose: where |dL/dt_w| != |dL/dt_l| by design (dposhift's f,
+Cal-DPO's calibration, and the baselines of spec section 10: dpop's penalty, NCA's and APO's separate
+anchored terms, SimPER's exp(A) weights), that asymmetry is kept and multiplied by w_w and w_l; for a
+loss of one margin (dpo, ipo, simpo, dponorm, ...) |dL/dS_w|*G_w = |dL/dS_l|*G_l holds exactly.
+
 Variant "prob": beta_l = beta * sg(min(1, exp(A_l - A_w))), forward on the rejected term (the mirror
 of AdaDPO). Variant "norm" needs the per-token ``sum_p2`` statistic from the log-prob pass.
 """

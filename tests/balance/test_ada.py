@@ -141,7 +141,50 @@ def construction_cases():
     return [("simpo", simpo), ("rdpo", rdpo), ("cpo", cpo), ("orpo", orpo), ("ipo", ipo), ("caldpo", caldpo)]
 
 
-@pytest.mark.parametrize("loss,build", construction_cases())
+def _grad_only(t, k):
+    return t.detach() + k * (t - t.detach())
+
+
+def baseline_construction_cases():
+    """The same for the baselines of spec section 10, as decided in poise/balance/ada.py: DPO's forward
+    construction for the one-margin losses dpop and dponorm; gradient-only on the chosen term for nca,
+    apozero, apodown and simper."""
+
+    def dpop(b, S_w, S_l, n_w, n_l):
+        h_w, h_l = S_w - b.ref_chosen, S_l - b.ref_rejected  # both h_w < 0 here: the penalty acts
+        k = (S_w / n_w - S_l / n_l).detach().exp()
+        return F.softplus(-0.1 * (k * h_w - h_l - 50.0 * F.relu(-k * h_w))).mean()
+
+    def dponorm(b, S_w, S_l, n_w, n_l):
+        hb_w, hb_l = (S_w - b.ref_chosen) / n_w, (S_l - b.ref_rejected) / n_l
+        k = (S_w / n_w - S_l / n_l).detach().exp()
+        return F.softplus(-5.0 * (k * hb_w - hb_l)).mean()
+
+    def nca(b, S_w, S_l, n_w, n_l):
+        k = (S_w / n_w - S_l / n_l).detach().exp()
+        r_w, r_l = 0.1 * _grad_only(S_w - b.ref_chosen, k), 0.1 * (S_l - b.ref_rejected)
+        return (F.softplus(-r_w) + 0.5 * F.softplus(r_w) + 0.5 * F.softplus(r_l)).mean()
+
+    def apozero(b, S_w, S_l, n_w, n_l):
+        k = (S_w / n_w - S_l / n_l).detach().exp()
+        h_w, h_l = _grad_only(S_w - b.ref_chosen, k), S_l - b.ref_rejected
+        return (1 - torch.sigmoid(0.1 * h_w) + torch.sigmoid(0.1 * h_l)).mean()
+
+    def apodown(b, S_w, S_l, n_w, n_l):
+        k = (S_w / n_w - S_l / n_l).detach().exp()
+        h_w, h_l = _grad_only(S_w - b.ref_chosen, k), S_l - b.ref_rejected
+        return (torch.sigmoid(0.1 * h_w) + 1 - torch.sigmoid(0.1 * (h_w - h_l))).mean()
+
+    def simper(b, S_w, S_l, n_w, n_l):
+        A_w, A_l = S_w / n_w, S_l / n_l
+        k = (A_w - A_l).detach().exp()
+        return (-torch.exp(_grad_only(A_w, k)) + torch.exp(A_l)).mean()
+
+    return [("dpop", dpop), ("dponorm", dponorm), ("nca", nca), ("apozero", apozero), ("apodown", apodown),
+            ("simper", simper)]
+
+
+@pytest.mark.parametrize("loss,build", construction_cases() + baseline_construction_cases())
 def test_construction_for_each_base(loss, build):
     b = batch()
     expect = build(b, *seqs(b))
@@ -149,9 +192,21 @@ def test_construction_for_each_base(loss, build):
 
 
 def test_gradient_only_bases_keep_the_loss_value():
-    for loss in ("ipo", "caldpo"):
+    for loss in ("ipo", "caldpo", "nca", "apozero", "apodown", "simper"):
         b = batch()
         assert Objective(loss, balance=["ada"])(b).loss.item() == Objective(loss)(b).loss.item()
+
+
+@pytest.mark.parametrize("loss", ["nca", "apozero", "apodown", "simper"])
+def test_gradient_only_baselines_scale_the_chosen_gradient_by_exactly_kappa(loss):
+    """Why gradient-only (poise/balance/ada.py): the chosen gradient is kappa times the base loss's, the
+    rejected one untouched; kappa = exp(A_w - A_l) = [e^0.9, e^-1.6] without the ceiling."""
+    kappa = torch.tensor([math.exp(0.9), math.exp(-1.6)], dtype=D)
+    b0, b1 = batch(), batch()
+    g0 = grads(Objective(loss)(b0).loss, b0)
+    g1 = grads(Objective(loss, balance=["ada"], ada_clip=None)(b1).loss, b1)
+    assert torch.allclose(g1[0], kappa[:, None] * g0[0], rtol=1e-12, atol=1e-15)
+    assert torch.allclose(g1[1], g0[1], rtol=0, atol=0)
 
 
 def test_invalid_combinations_fail_at_build_time():
