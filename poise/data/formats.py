@@ -204,3 +204,90 @@ def _apply(tokenizer: Any, messages: list, name: str, *, add_generation_prompt: 
     except Exception as err:  # jinja's TemplateError and raise_exception() in templates
         raise BadRowError(name, TEMPLATE_FAILED, str(err)) from None
     return text
+
+
+STANDARD, CONVERSATIONAL = "standard", "conversational"
+
+
+def row_format(data: dict) -> str | None:
+    """``"standard"`` (strings), ``"conversational"`` (lists of messages), or None when the row is too
+    broken to say (it is reported as a bad row later)."""
+    kinds = {STANDARD if isinstance(v, str) else CONVERSATIONAL
+             for v in (data.get(k) for k in ("prompt", "chosen", "rejected", "completion", "response", "messages"))
+             if isinstance(v, (str, list))}
+    return kinds.pop() if len(kinds) == 1 else None
+
+
+def check_one_format(rows: Any) -> str | None:
+    """The format of each source's rows; a source mixing standard and conversational rows is a
+    :class:`~poise.errors.DataError` naming the first row of each kind. Returns the format of the rows
+    (None when no row says)."""
+    first: dict[tuple[str, str], Any] = {}
+    for row in rows:
+        kind = row_format(row.data)
+        if kind is not None:
+            first.setdefault((row.source, kind), row)
+    sources = {source for source, _ in first}
+    for source in sources:
+        if (source, STANDARD) in first and (source, CONVERSATIONAL) in first:
+            a, b = first[(source, STANDARD)], first[(source, CONVERSATIONAL)]
+            raise DataError(
+                f"{source}: mixes standard rows (plain strings; first at {a.unit} {a.index}) and conversational "
+                f"rows (lists of messages; first at {b.unit} {b.index}), which are tokenized differently (only "
+                f"conversational rows get the chat template). Convert the file to one format: strings, or "
+                f'messages ({{"prompt": [{{"role": "user", "content": ...}}], "chosen": [{{"role": "assistant", '
+                f'"content": ...}}], ...}}).'
+            )
+    kinds = {kind for _, kind in first}
+    return kinds.pop() if len(kinds) == 1 else None
+
+
+def completion_text(data: dict, tokenizer: Any, *, chat: bool, where: str) -> tuple[str, str]:
+    """A (prompt, response) row of a probe file, rendered as a training row would be: ``{prompt,
+    completion}`` (or ``response``), ``{messages}`` (the last message the response, from the assistant),
+    or a preference row ``{prompt, chosen, rejected}`` (the chosen response). Strings stay strings unless
+    ``chat`` (the training rows are conversational): then the prompt is a user message and the response
+    an assistant message, rendered with the chat template as the training rows are."""
+    if "chosen" in data and "rejected" in data and not any(k in data for k in ("completion", "response")):
+        text = row_text(data, tokenizer, explicit_prompt="prompt" in data, where=where)
+        return text.prompt, text.chosen
+    if "messages" in data and "prompt" not in data:
+        prompt, response = _split_messages(data["messages"])
+    else:
+        name = "completion" if "completion" in data or "response" not in data else "response"
+        prompt, response = _get(data, "prompt"), _get(data, name)
+        if isinstance(prompt, str) and isinstance(response, str):
+            if not response.strip():
+                raise BadRowError(name, EMPTY)
+            if not (chat and getattr(tokenizer, "chat_template", None)):
+                return prompt, response
+        prompt, response = _as_messages(prompt, "user"), _as_messages(response, "assistant")
+        _check_messages(prompt, "prompt")
+        _check_messages(response, name)
+    return _render_completion(prompt, response, tokenizer, where)
+
+
+def _split_messages(messages: Any) -> tuple[list, list]:
+    _check_messages(messages, "messages")
+    if len(messages) < 2 or messages[-1]["role"] != "assistant":
+        raise BadRowError("messages", MALFORMED, "the last message must be the assistant's response, after at "
+                                                 "least one message of the prompt")
+    return messages[:-1], messages[-1:]
+
+
+def _as_messages(value: Any, role: str) -> Any:
+    return [{"role": role, "content": value}] if isinstance(value, str) else value
+
+
+def _render_completion(prompt: list, response: list, tokenizer: Any, where: str) -> tuple[str, str]:
+    if not _content(response):
+        raise BadRowError("completion", EMPTY)
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise DataError(f"{where}: the row is conversational (lists of messages) but the tokenizer has no chat "
+                        "template. Use the tokenizer of a chat/instruct model, or plain prompt/completion strings.")
+    prompt_text = _apply(tokenizer, prompt, "prompt", add_generation_prompt=True)
+    full = _apply(tokenizer, prompt + response, "completion", add_generation_prompt=False)
+    if not full.startswith(prompt_text):
+        raise BadRowError("completion", TEMPLATE_FAILED, "the chat template does not render the prompt as a "
+                                                         "prefix of prompt + response")
+    return prompt_text, full[len(prompt_text):]

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from poise.data.formats import IDENTICAL, BadRowError, RowText, row_text
+from poise.data.formats import IDENTICAL, BadRowError, RowText, check_one_format, completion_text, row_text
 from poise.data.load import Row
 from poise.errors import ConfigError, DataError
 
@@ -90,6 +90,12 @@ class TokenizedData:
 
     pairs: list[TokenizedPair]
     skipped: list[BadRow] = field(default_factory=list)
+    #: kept pairs whose chosen or rejected completion was cut to fit ``max_length``
+    truncated: int = 0
+    #: kept pairs whose prompt lost its start to fit ``max_prompt_length``
+    prompt_truncated: int = 0
+    #: tokens of the longest row before truncation (prompt + the longer completion)
+    longest: int = 0
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -102,6 +108,10 @@ class TokenizedData:
             counts = Counter(bad.reason for bad in self.skipped)
             parts = ", ".join(f"{count} {reason}" for reason, count in counts.most_common())
             text += f"; skipped {len(self.skipped)} ({parts})"
+        cuts = [f"{n} {what}" for n, what in ((self.truncated, "with completions cut to max_length"),
+                                             (self.prompt_truncated, "with prompts cut to max_prompt_length")) if n]
+        if cuts:
+            text += f"; {', '.join(cuts)}"
         return text
 
 
@@ -139,6 +149,7 @@ def tokenize_rows(
     """
     _check_options(max_length, max_prompt_length, prompt_truncation, on_bad_row)
     limits = _Limits(max_length, max_prompt_length, prompt_truncation, _bos_to_add(tokenizer))
+    check_one_format(rows)
     explicit = {row.source for row in rows if "prompt" in row.data}
     bad: list[tuple[int, BadRow]] = []
     texts: list[tuple[int, Row, RowText]] = []
@@ -150,14 +161,21 @@ def tokenize_rows(
         else:
             texts.append((position, row, text))
     pairs = []
+    cut = {"completion": 0, "prompt": 0, "longest": 0}
     for (position, row, _), ids in zip(texts, _encode([text for _, _, text in texts], tokenizer, limits)):
         try:
-            pairs.append(TokenizedPair(*_truncate(*ids, limits), row.source, row.index))
+            pair = TokenizedPair(*_truncate(*ids, limits), row.source, row.index)
         except BadRowError as err:
             bad.append((position, _bad_row(row, err)))
+            continue
+        pairs.append(pair)
+        prompt, chosen, rejected = ids
+        cut["completion"] += len(pair.chosen_ids) < len(chosen) or len(pair.rejected_ids) < len(rejected)
+        cut["prompt"] += len(pair.prompt_ids) < len(prompt)
+        cut["longest"] = max(cut["longest"], len(prompt) + max(len(chosen), len(rejected)))
     skipped = [bad_row for _, bad_row in sorted(bad, key=lambda item: item[0])]
     _raise_for_bad_rows(skipped, len(rows), len(pairs), on_bad_row)
-    return TokenizedData(pairs, skipped)
+    return TokenizedData(pairs, skipped, cut["completion"], cut["prompt"], cut["longest"])
 
 
 def _check_options(
@@ -212,12 +230,23 @@ def _with_eos(ids: list[int], eos: int | None) -> list[int]:
 def _truncate(
     prompt: list[int], chosen: list[int], rejected: list[int], limits: _Limits
 ) -> tuple[Ids, Ids, Ids]:
+    prompt, (chosen, rejected) = _cut(prompt, {"chosen": chosen, "rejected": rejected}, limits)
+    if chosen == rejected:
+        raise BadRowError(
+            "rejected", IDENTICAL, f"the same after truncation to max_length {limits.max_length}"
+        )
+    return tuple(prompt), tuple(chosen), tuple(rejected)
+
+
+def _cut(prompt: list[int], completions: dict[str, list[int]], limits: _Limits) -> tuple[Ids, list[Ids]]:
+    """The prompt cut at its start, the completions at their end (rules in the module docstring)."""
     cap = limits.max_prompt_length
     if cap is not None and len(prompt) > cap:
         if limits.prompt_truncation == "error":
             raise BadRowError("prompt", PROMPT_TOO_LONG, f"{len(prompt)} tokens, max_prompt_length is {cap}")
         keep_bos = limits.bos_id is not None and prompt[:1] == [limits.bos_id] and cap > 1
         prompt = [prompt[0], *prompt[len(prompt) - cap + 1 :]] if keep_bos else prompt[len(prompt) - cap :]
+    out = list(completions.values())
     if limits.max_length is not None:
         if len(prompt) >= limits.max_length:
             raise BadRowError(
@@ -227,15 +256,45 @@ def _truncate(
                 f"set max_prompt_length below max_length",
             )
         room = limits.max_length - len(prompt)
-        chosen, rejected = chosen[:room], rejected[:room]
-    for name, ids in (("chosen", chosen), ("rejected", rejected)):
+        out = [ids[:room] for ids in out]
+    for name, ids in zip(completions, out):
         if not ids:
             raise BadRowError(name, EMPTY_AFTER_TRUNCATION, "the completion has no tokens")
-    if chosen == rejected:
-        raise BadRowError(
-            "rejected", IDENTICAL, f"the same after truncation to max_length {limits.max_length}"
-        )
-    return tuple(prompt), tuple(chosen), tuple(rejected)
+    return tuple(prompt), [tuple(ids) for ids in out]
+
+
+def tokenize_completions(
+    rows: Sequence[Row],
+    tokenizer: Any,
+    *,
+    max_length: int | None = 1024,
+    max_prompt_length: int | None = 512,
+    chat: bool = False,
+    on_bad_row: str = "error",
+) -> list[tuple[Ids, Ids]]:
+    """``(prompt_ids, response_ids)`` of prompt/response rows (a probe file), tokenized and truncated as
+    training rows are. Formats: see :func:`~poise.data.formats.completion_text`; ``chat`` renders plain
+    strings with the chat template (when the training rows are conversational). Bad rows raise a
+    DataError naming the row (``on_bad_row="error"``) or are dropped; no usable row is an error."""
+    _check_options(max_length, max_prompt_length, "keep_end", on_bad_row)
+    limits = _Limits(max_length, max_prompt_length, "keep_end", _bos_to_add(tokenizer))
+    check_one_format(rows)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    out: list[tuple[Ids, Ids]] = []
+    skipped: list[BadRow] = []
+    for row in rows:
+        try:
+            prompt_text, response_text = completion_text(row.data, tokenizer, chat=chat, where=row.where)
+            prompt, response = tokenizer([prompt_text, response_text], add_special_tokens=False)["input_ids"]
+            if limits.bos_id is not None and prompt[:1] != [limits.bos_id]:
+                prompt = [limits.bos_id, *prompt]
+            prompt, (response,) = _cut(prompt, {"completion": _with_eos(response, eos)}, limits)
+        except BadRowError as err:
+            skipped.append(_bad_row(row, err))
+            continue
+        out.append((prompt, response))
+    _raise_for_bad_rows(skipped, len(rows), len(out), on_bad_row)
+    return out
 
 
 def _bad_row(row: Row, err: BadRowError) -> BadRow:

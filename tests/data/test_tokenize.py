@@ -16,6 +16,7 @@ from poise.data import (
     tokenize_rows,
     tokenize_sft_rows,
 )
+from poise.data.formats import row_format
 from poise.errors import ConfigError, DataError
 
 SRC = "prefs.jsonl"
@@ -39,6 +40,14 @@ def bot(text):
 
 GOOD = {"prompt": "What is the capital of France?", "chosen": " Paris.", "rejected": " London."}
 IMPLICIT = {"chosen": "Q: a", "rejected": "Q: b"}
+CHAT = {"prompt": [user("What is the capital of France?")], "chosen": [bot("Paris.")], "rejected": [bot("London.")]}
+
+
+def good_neighbour(row):
+    """A good row of the bad row's own format (a file holds one format: mixing is its own error)."""
+    if row_format(row) == "conversational":
+        return CHAT
+    return GOOD if "prompt" in row else IMPLICIT
 
 
 # --- token ids -------------------------------------------------------------------------------
@@ -271,7 +280,7 @@ BAD_ROWS = [
 
 @pytest.mark.parametrize(("row", "field", "reason"), BAD_ROWS)
 def test_bad_row_in_error_mode_names_file_row_and_field(tok, row, field, reason):
-    good = GOOD if "prompt" in row else IMPLICIT
+    good = good_neighbour(row)
     rows = rows_of(good, good, row, good)
     with pytest.raises(DataError) as info:
         tokenize_rows(rows, tok)
@@ -281,7 +290,7 @@ def test_bad_row_in_error_mode_names_file_row_and_field(tok, row, field, reason)
 
 @pytest.mark.parametrize(("row", "field", "reason"), BAD_ROWS)
 def test_bad_row_in_skip_mode_is_counted(tok, row, field, reason):
-    good = GOOD if "prompt" in row else IMPLICIT
+    good = good_neighbour(row)
     data = tokenize_rows(rows_of(good, row, good), tok, on_bad_row="skip")
     assert [(b.source, b.index, b.field, b.reason) for b in data.skipped] == [(SRC, 2, field, reason)]
     assert [p.index for p in data.pairs] == [1, 3]
@@ -361,3 +370,67 @@ def test_sft_sequences_plain_and_extended(tok):
     assert tokenize_sft_rows(rows_of(GOOD, other), tok, extended=True, max_length=64) == sft_sequences(
         data, True
     )
+
+
+# --- one format per file, truncation counts, prompt/response rows (probe files) ---------------
+
+
+def test_a_file_mixing_standard_and_conversational_rows_is_refused_naming_the_first_of_each(tok):
+    rows = rows_of(GOOD, GOOD, CHAT, GOOD, CHAT)
+    for mode in ("error", "skip"):
+        with pytest.raises(DataError) as info:
+            tokenize_rows(rows, tok, on_bad_row=mode)
+        msg = str(info.value)
+        assert msg.startswith("prefs.jsonl: mixes standard rows (plain strings; first at row 1) and "
+                              "conversational rows (lists of messages; first at row 3)")
+        assert "Convert the file to one format" in msg
+    # two files, one format each, are fine together
+    assert len(tokenize_rows(rows_of(GOOD) + rows_of(CHAT, source="other.jsonl"), tok)) == 2
+
+
+def test_truncation_is_counted_and_reported(tok):
+    long = {"prompt": "Hi", "chosen": " the cat sat on the mat" * 4, "rejected": " a dog ran" * 8}
+    data = tokenize_rows(rows_of(GOOD, long), tok, max_length=16, max_prompt_length=8)
+    assert (data.truncated, data.prompt_truncated) == (1, 1)  # GOOD's prompt: 10 tokens with BOS
+    assert data.longest > 16
+    assert "1 with completions cut to max_length" in data.summary()
+    assert tokenize_rows(rows_of(GOOD), tok).truncated == 0
+
+
+@pytest.mark.parametrize("row", [
+    {"prompt": "What is the capital of France?", "completion": " Paris."},
+    {"prompt": "What is the capital of France?", "response": " Paris."},
+    {"prompt": "What is the capital of France?", "chosen": " Paris.", "rejected": " London."},
+])
+def test_prompt_response_rows_tokenize_like_training_rows(tok, row):
+    from poise.data.tokenize import tokenize_completions
+
+    (pair,) = tokenize_rows(rows_of(GOOD), tok).pairs
+    assert tokenize_completions(rows_of(row), tok) == [(pair.prompt_ids, pair.chosen_ids)]
+
+
+@pytest.mark.parametrize("row", [
+    {"prompt": [user("What is the capital of France?")], "completion": [bot("Paris.")]},
+    {"messages": [user("What is the capital of France?"), bot("Paris.")]},
+    CHAT,
+    {"prompt": "What is the capital of France?", "completion": "Paris."},  # strings, chat=True
+])
+def test_conversational_prompt_response_rows_use_the_chat_template(tok, row):
+    from poise.data.tokenize import tokenize_completions
+
+    (pair,) = tokenize_rows(rows_of(CHAT), tok).pairs
+    assert tokenize_completions(rows_of(row), tok, chat=True) == [(pair.prompt_ids, pair.chosen_ids)]
+
+
+@pytest.mark.parametrize("row,field", [
+    ({"prompt": "Hi"}, "completion"),
+    ({"prompt": "Hi", "completion": "  "}, "completion"),
+    ({"messages": [bot("only an answer")]}, "messages"),
+    ({"messages": [user("Hi"), user("again")]}, "messages"),
+])
+def test_bad_prompt_response_rows_name_the_row(tok, row, field):
+    from poise.data.tokenize import tokenize_completions
+
+    with pytest.raises(DataError, match=rf"prefs.jsonl, row 2, field '{field}'"):
+        first = {"prompt": "a", "completion": " b"} if row_format(row) != "conversational" else CHAT
+        tokenize_completions(rows_of(first, row), tok)
