@@ -163,18 +163,12 @@ def make_accelerator(cfg: TrainConfig):
 
 
 def _prepare_run_dir(cfg: TrainConfig) -> Path:
-    run_dir = Path(cfg.output_dir).expanduser()
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"output_dir {run_dir} is not writable ({e.strerror}); choose another folder.") from None
-    if not cfg.resume and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
-        raise ConfigError(f"output_dir {run_dir} already holds checkpoints of a run. Continue it with "
-                          "resume=true, or choose another output_dir.")
-    return run_dir
+    """The run folder, locked for this run and checked (poise/training/runfolder.py): a fresh run into a
+    folder holding a run's output, a second run into a folder in use, a resume with no checkpoint that
+    verifies or with a changed config are refused here, before anything is written."""
+    from poise.training.runfolder import prepare
+
+    return prepare(cfg)
 
 
 def _data(cfg: TrainConfig, tokenizer, path: str):

@@ -81,10 +81,14 @@ def _fsync_dir(path: Path) -> None:
 
 def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, optimizer, scheduler,
                     trainer_state: dict[str, Any], keep: int) -> Path:
-    """Write ``checkpoints/step-{step}`` atomically and prune all but the newest ``keep``."""
+    """Write ``checkpoints/step-{step}`` atomically, verify it, and only then prune all but the newest
+    ``keep``: no older checkpoint is deleted before a newer one is on disk whole."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
+    if final.is_dir() and verify(final) is None:  # this step is saved already: never rewrite a good one
+        log.info("checkpoint %s is already saved and verifies; kept as it is", final)
+        return final
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -93,15 +97,25 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, optimizer, sc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # nothing half written is left behind
         raise
-    prune(root, keep)
+    why = verify(final)
+    if why is not None:  # read back wrong (a failing disk): keep every older checkpoint
+        raise OSError(f"the checkpoint just written does not verify ({why}); older checkpoints are kept")
+    prune(root, keep, newest=final)
     return final
 
 
-def prune(root: Path, keep: int) -> None:
+def prune(root: Path, keep: int, *, newest: Path | None = None) -> None:
+    """Delete all but the ``keep`` newest checkpoints up to ``newest`` (the one just written and
+    verified; default the newest there is), and half-written temporary folders. Checkpoints after
+    ``newest`` (damaged ones a resume skipped) are left for the run to replace when it reaches them."""
     done = sorted(p for p in root.glob("step-*") if p.is_dir())
+    if newest is not None:
+        done = [p for p in done if p.name <= newest.name]
     for old in done[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".tmp-step-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in root.glob(".old-step-*"):
         shutil.rmtree(stale, ignore_errors=True)
 
 
@@ -165,9 +179,13 @@ def _write(tmp: Path, root: Path, final: Path, step: int, model, tokenizer, opti
     with open(tmp / MANIFEST, "rb") as f:
         os.fsync(f.fileno())
     _kill_point("manifest", step)
-    if final.exists():
-        shutil.rmtree(final)
+    old = None
+    if final.exists():  # a damaged copy of this step (a good one is never rewritten): replaced
+        old = root / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
     os.replace(tmp, final)
     _fsync_dir(root)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     _kill_point("rename", step)
     return final

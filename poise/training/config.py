@@ -137,6 +137,14 @@ class TrainConfig:
     on_nonfinite: Literal["stop", "skip"] = F(
         "stop", "A non-finite loss or gradient is reported with its step and pairs; stop: save a checkpoint "
         "of the last good weights and stop; skip: drop that step's update and go on.", "run")
+    allow_config_change: bool = F(
+        False, "On resume, accept a config that differs from the run's in settings that change the training "
+        "trajectory (model, tokenizer, data and its split/columns/lengths, method and every hyperparameter, "
+        "batch sizes, seed, dtype/precision, optimizer, learning rate and schedule, reference, LoRA, layout, "
+        "gradient checkpointing; max_steps/epochs unless the schedule is constant without warmup). Without "
+        "it such a resume is refused with every difference listed. Changes to logging, saving, evaluation "
+        "and diagnostics are always accepted. Accepted changes are recorded in config_changes.jsonl and the "
+        "model card.", "run")
     # -- the method's hyperparameters (beta, ada_clip, ...) ------------------------------------------
     hyperparameters: dict[str, Any] = field(default_factory=dict, metadata={"doc": "", "group": "hidden"})
 

@@ -15,7 +15,7 @@ import logging
 import math
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from poise.errors import NonFiniteError, PoiseError
+from poise.training import runfolder
 from poise.training.build import RunState, build_run
 from poise.training.checkpoint import latest_good, load_training_state, save_checkpoint, set_rng_state
 from poise.training.config import TrainConfig, dump_config
@@ -43,10 +44,14 @@ class TrainResult:
 
 
 class _StopFlag:
-    """SIGINT/SIGTERM ask the loop to save a checkpoint and exit cleanly after the current step."""
+    """SIGINT/SIGTERM ask the loop to save a checkpoint and exit cleanly after the current step. With
+    several processes the ranks agree on it each time it is read (one all-reduce), so that every rank
+    stops after the same step even when the signal reached only some of them."""
 
-    def __init__(self) -> None:
-        self.signal: int | None = None
+    def __init__(self, accelerator=None) -> None:
+        self._acc = accelerator
+        self._seen: int | None = None
+        self._agreed: int | None = None
         self._old = {}
         for s in (signal.SIGINT, signal.SIGTERM):
             try:
@@ -55,11 +60,43 @@ class _StopFlag:
                 pass
 
     def _handle(self, signum, frame) -> None:
-        self.signal = signum
+        self._seen = signum
+
+    @property
+    def signal(self) -> int | None:
+        if self._agreed is None:
+            acc = self._acc
+            if acc is None or acc.num_processes == 1:
+                self._agreed = self._seen
+            else:
+                seen = acc.gather(torch.tensor([float(self._seen or 0)], device=acc.device))
+                self._agreed = int(seen.max().item()) or None
+        return self._agreed
 
     def restore(self) -> None:
         for s, h in self._old.items():
             signal.signal(s, h)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM outside the loop (loading, the reference pass, calibration) unwinds like Ctrl-C, so that
+    the run folder's lock is released; a handler someone else installed is left alone."""
+    old = None
+    try:
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            old = signal.signal(signal.SIGTERM, _interrupt)
+    except ValueError:  # not the main thread
+        pass
+    try:
+        yield
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
 
 
 def _rank_slice(idx: list[int], rank: int, world: int) -> list[int]:
@@ -133,9 +170,11 @@ def _save(run: RunState, step: int) -> None:
 
 
 def _resume(run: RunState) -> int:
-    ckpt = latest_good(run.run_dir)
+    """Load the checkpoint that the run folder's check chose (the newest that verifies, its config
+    compared: poise/training/runfolder.py); 0 when there is none."""
+    folder = runfolder.current(run.run_dir)
+    ckpt = folder.checkpoint if folder is not None else latest_good(run.run_dir)
     if ckpt is None:
-        log.info("resume: no checkpoint in %s; starting from step 0", run.run_dir)
         return 0
     state, tstate = load_training_state(ckpt)
     run.load_model_weights(ckpt / "model")
@@ -234,26 +273,44 @@ def _loop(run: RunState, start: int, logger: RunLogger, stop: _StopFlag) -> tupl
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    """Train as the config says; returns where the model and metrics are."""
+    """Train as the config says; returns where the model and metrics are. The run folder is locked from
+    before anything is written into it until the run ends, however it ends."""
+    runfolder.begin(cfg.output_dir)
+    with _terminate_as_interrupt():
+        runfolder.precheck(cfg)  # a run that will be refused is refused before any model is loaded
+        try:
+            return _train(cfg)
+        finally:
+            runfolder.close(cfg.output_dir)
+
+
+def _train(cfg: TrainConfig) -> TrainResult:
     run = build_run(cfg)
     start = _resume(run) if cfg.resume else 0
     if start == 0:
         calibrate(run)
-    if run.accelerator.is_main_process:  # the resolved config: what calibration decided included
+    if run.accelerator.is_main_process:
+        folder = runfolder.current(run.run_dir)
+        if cfg.resume:  # rows the interrupted run wrote after its checkpoint go to a backup, not away
+            runfolder.settle_metrics(run.run_dir, start)
+        if folder is not None:
+            runfolder.record_changes(folder, start)
+        # the resolved config: what calibration decided included
         (run.run_dir / "config.yaml").write_text(dump_config(run.resolved_config()))
     logger = RunLogger(run.run_dir, cfg.report_to, cfg.to_dict(), main=run.accelerator.is_main_process,
                        resume=start > 0)
     if start == 0:
         logger.write(0, run.probe_metrics())  # the probes' start values
-    stop = _StopFlag()
+    stop = _StopFlag(run.accelerator)
     try:
         step, metrics = _loop(run, start, logger, stop)
     finally:
         stop.restore()
-    _save(run, step)
+    if step > start:  # else the newest checkpoint already holds this step
+        _save(run, step)
     if stop.signal is not None:
-        log.warning("stopped by signal %d at step %d; checkpoint saved, resume with resume=true",
-                    stop.signal, step)
+        log.warning("stopped by signal %d at step %d; %s, resume with resume=true", stop.signal, step,
+                    "checkpoint saved" if step > start else "no step taken since the last checkpoint (if any)")
         logger.close()
         return TrainResult(run.run_dir, run.run_dir / "model", step, metrics, stopped_early=True)
     final = run.evaluate() if cfg.eval_file else {}

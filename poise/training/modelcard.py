@@ -21,6 +21,7 @@ import yaml
 
 from poise.errors import ConfigError
 from poise.training.config import TrainConfig, dump_config
+from poise.training.runfolder import read_changes
 
 __all__ = ["model_card", "push_to_hub", "write_model_card"]
 
@@ -123,10 +124,23 @@ def _usage(load_from: str) -> str:
     )
 
 
+def _changes_section(changes: list[dict[str, Any]]) -> str:
+    """The config changes accepted when the run was resumed (config_changes.jsonl)."""
+    lines = ["## Config changes during the run", "",
+             "The run was resumed with a config that differs from the one it started with "
+             "(`config_changes.jsonl` in the run folder); the config below is the last one.", "",
+             "| from step | key | old | new | alters the trajectory |", "|---|---|---|---|---|"]
+    lines += [f"| {c.get('step')} | `{c.get('key')}` | {_fmt(c.get('old'))} | {_fmt(c.get('new'))} | "
+              f"{'yes' if c.get('alters_trajectory') else 'no'} |" for c in changes]
+    return "\n".join(lines)
+
+
 def model_card(cfg: TrainConfig, metrics: dict[str, Any], *, num_pairs: int | None = None,
-               load_from: str = "path/to/model", calibrated: dict[str, Any] | None = None) -> str:
+               load_from: str = "path/to/model", calibrated: dict[str, Any] | None = None,
+               changes: list[dict[str, Any]] | None = None) -> str:
     """The text of a run's model card (see the module docstring). ``calibrated``: the values the run's
-    calibration step decided (``{"gate_tau": ...}``)."""
+    calibration step decided (``{"gate_tau": ...}``); ``changes``: the rows of the run's
+    config_changes.jsonl (a section lists them when there are any)."""
     description, tags, papers, hp = _method(cfg)
     values = _metrics(metrics)
     hp = _calibrated(hp, calibrated or {}, values)
@@ -137,6 +151,7 @@ def model_card(cfg: TrainConfig, metrics: dict[str, Any], *, num_pairs: int | No
         "## Method\n\n" + ("\n".join(f"- {p}" for p in papers) + "\n\n" if papers else "")
         + (_table(hp, ("hyperparameter", "value")) if hp else "No method hyperparameters (supervised fine-tuning)."),
         "## Training\n\n" + _table({k: getattr(cfg, k) for k in _TRAINING_KEYS}, ("setting", "value")),
+        *([_changes_section(changes)] if changes else []),
         "## Data\n\n" + _data_section(cfg, num_pairs),
         "## Final metrics\n\n" + (_table(values, ("metric", "value")) if values else "None logged.")
         + "\n\nThe metrics are defined in poise's docs/metrics.md.",
@@ -171,7 +186,8 @@ def write_model_card(run_dir: str | Path, cfg: TrainConfig, metrics: dict[str, A
     if not model_dir.is_dir():
         raise ConfigError(f"{model_dir} does not exist: write the model card after the final model is saved.")
     text = model_card(cfg, metrics, num_pairs=_num_pairs(Path(run_dir)),
-                      load_from=repo_id or str(model_dir.resolve()), calibrated=calibrated)
+                      load_from=repo_id or str(model_dir.resolve()), calibrated=calibrated,
+                      changes=read_changes(run_dir))
     path = model_dir / "README.md"
     path.write_text(text)
     return path
