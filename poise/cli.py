@@ -51,13 +51,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    """Check a config without loading any model or data."""
+    """Check a config and every input that needs no model weights (poise/training/preflight.py): the
+    paths, the packages, the data files and their rows tokenized, the folders to write. Nothing is
+    written and the Hub is not asked (a Hub name is noted, and checked against the cache when offline)."""
     from poise.training.config import load_config
+    from poise.training.preflight import check_inputs
 
     cfg = load_config(args.config, args.overrides)
     obj = cfg.build_objective()
+    inputs = check_inputs(cfg, network=False)
     what = "sft" if obj is None else repr(obj)
     print(f"{args.config}: valid ({what})")
+    for note in inputs.notes:
+        print(f"  {note}")
     return 0
 
 
@@ -182,7 +188,8 @@ def _runs_args(p: argparse.ArgumentParser, *, plot: bool) -> None:
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML config file")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="override a key of the config")
+    # REMAINDER: a mistyped --key=value reaches poise's own message (write key=value without dashes)
+    p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="key=value", help="override a key of the config")
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, Callable | None]] = {

@@ -80,6 +80,7 @@ def load_rows(
     *,
     split: str = "train",
     columns: dict[str, str] | None = None,
+    required: Iterable[str] = REQUIRED_COLUMNS,
 ) -> list[Row]:
     """Read preference rows from a file, a saved dataset folder or a Hub dataset.
 
@@ -89,6 +90,7 @@ def load_rows(
         split: the split to take from a ``DatasetDict`` folder, a Hub dataset, or a JSON object
             keyed by split.
         columns: maps ``prompt``/``chosen``/``rejected`` to the source's column names.
+        required: the columns every source must have (``()`` for prompt/response files).
 
     Raises:
         DataError: the source is missing, unreadable, empty, or lacks a needed column.
@@ -111,7 +113,7 @@ def load_rows(
             f"{name}: the source holds no rows. Point the data path at a file with preference rows."
         )
     rows = [Row(name, index, data, unit) for index, data in records]
-    return _apply_columns(rows, mapping, name)
+    return _apply_columns(rows, mapping, name, tuple(required))
 
 
 def _check_mapping(columns: dict[str, str] | None) -> dict[str, str]:
@@ -317,12 +319,13 @@ def _enumerate(rows: Iterable[dict[str, Any]]) -> Records:
     return list(enumerate(rows, start=1))
 
 
-def _apply_columns(rows: list[Row], mapping: dict[str, str], name: str) -> list[Row]:
+def _apply_columns(rows: list[Row], mapping: dict[str, str], name: str,
+                   required: tuple[str, ...] = REQUIRED_COLUMNS) -> list[Row]:
     available = list(dict.fromkeys(key for row in rows for key in row.data))
     for ours, theirs in mapping.items():
         if theirs not in available:
             raise _missing_column(name, ours, theirs, available, mapped=True)
-    for ours in REQUIRED_COLUMNS:
+    for ours in required:
         if mapping.get(ours, ours) not in available:
             raise _missing_column(name, ours, ours, available, mapped=False)
     if not mapping:

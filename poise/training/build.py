@@ -15,20 +15,21 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from poise.data import Row, load_rows, sft_sequences, tokenize_rows
+from poise.data import sft_sequences
 from poise.diagnostics.imbalance import Probe
 from poise.errors import ConfigError
 from poise.model.load import (
     add_lora,
     check_chat_template,
     check_tokenizer,
+    check_vocabulary_fits,
     load_model,
-    load_tokenizer,
     resolve_source,
 )
 from poise.model.reference import cached_reference_sums
 from poise.model.shared_prefix import choose_layout, pairs_reason
 from poise.training.config import TrainConfig, from_dict
+from poise.training.preflight import Inputs, check_inputs
 from poise.training.runlog import MetricAccumulator
 from poise.training.schedule import Schedule, lr_lambda
 from poise.training.tasks import PolicyLogps, PreferenceTask, SFTTask
@@ -80,22 +81,42 @@ class RunState:
         return from_dict({**self.cfg.to_dict(), **values}, source="resolved config")
 
     def load_model_weights(self, folder: Path) -> None:
+        """The checkpoint's weights into the model; a checkpoint of another model (other shapes, another
+        vocabulary, other or missing tensors, LoRA against full weights) is a ConfigError with the fix."""
         from safetensors.torch import load_file
 
         model = self.unwrapped_model()
-        if hasattr(model, "peft_config"):
-            from peft import set_peft_model_state_dict
-
-            set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
-            return
+        lora = hasattr(model, "peft_config")
+        files = [folder / "adapter_model.safetensors"] if lora else sorted(folder.glob("*.safetensors"))
+        if not files or not all(f.is_file() for f in files):
+            other = "full weights" if lora else "LoRA adapters"
+            raise self._other_model(folder, f"it holds no {'adapter' if lora else 'model'} weights (a run with "
+                                            f"{other}?)")
         state = {}
-        for f in sorted(folder.glob("*.safetensors")):
+        for f in files:
             state.update(load_file(str(f)))
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        own = model.state_dict() if not lora else {}
+        shapes = [f"{k}: {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} in the model"
+                  for k, v in state.items() if k in own and own[k].shape != v.shape]
+        if shapes:
+            raise self._other_model(folder, f"other tensor shapes ({'; '.join(shapes[:2])})")
+        try:
+            if lora:
+                from peft import set_peft_model_state_dict
+
+                set_peft_model_state_dict(model, state)
+                return
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # size mismatches that the shapes above did not name (adapters)
+            raise self._other_model(folder, str(e).splitlines()[0]) from None
         tied = set(getattr(model, "_tied_weights_keys", None) or []) | {"lm_head.weight"}
         if unexpected or set(missing) - tied:
-            raise ConfigError(f"checkpoint {folder} does not match the model (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}).")
+            raise self._other_model(folder, f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+    def _other_model(self, folder: Path, why: str) -> ConfigError:
+        return ConfigError(f"checkpoint {folder} does not match the model {self.cfg.model} ({why}): the run was "
+                           "started with another model or LoRA setting. Resume with the run's own model (see "
+                           f"{self.run_dir / 'config.yaml'}), or start a new run in another output_dir.")
 
     def progress(self, total: int, start: int):
         return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
@@ -171,19 +192,10 @@ def _prepare_run_dir(cfg: TrainConfig) -> Path:
     return prepare(cfg)
 
 
-def _data(cfg: TrainConfig, tokenizer, path: str):
-    rows = load_rows(path, split=cfg.split, columns=cfg.columns or None)
-    data = tokenize_rows(rows, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                         prompt_truncation=cfg.prompt_truncation, on_bad_row=cfg.on_bad_row)
-    log.info("%s: %s", path, data.summary())
-    texts = [r.data.get("chosen") for r in rows[:64] if isinstance(r.data.get("chosen"), str)]
-    return data, texts
-
-
 def _model(cfg: TrainConfig, tokenizer, texts, device):
     model = load_model(cfg.model, gguf_file=cfg.gguf_file, dtype=cfg.dtype, device=device,
                        trust_remote_code=cfg.trust_remote_code)
-    folder, _ = resolve_source(cfg.tokenizer or cfg.model, cfg.gguf_file)
+    folder, _ = resolve_source(cfg.tokenizer or cfg.model, cfg.gguf_file, key="tokenizer" if cfg.tokenizer else "model")
     saved = folder if Path(folder).is_dir() and cfg.tokenizer_class == "auto" else None
     check_tokenizer(tokenizer, model, texts, source=cfg.model, folder=saved)
     check_chat_template(tokenizer, source=cfg.model)
@@ -198,12 +210,16 @@ def _model(cfg: TrainConfig, tokenizer, texts, device):
     return model.to(device)
 
 
-def _load_reference(cfg: TrainConfig, device):
-    """The separate reference model (``reference_model``), loaded once, or None."""
+def _load_reference(cfg: TrainConfig, tokenizer, device):
+    """The separate reference model (``reference_model``), loaded once, or None. Its tokenizer was compared
+    with the policy's before any model loaded (preflight); its embedding must hold every token id."""
     if cfg.reference_model is None:
         return None
-    return load_model(cfg.reference_model, dtype=cfg.dtype, device=device,
-                      trust_remote_code=cfg.trust_remote_code).to(device)
+    ref = load_model(cfg.reference_model, dtype=cfg.dtype, device=device, trust_remote_code=cfg.trust_remote_code,
+                     key="reference_model")
+    check_vocabulary_fits(tokenizer, ref.get_input_embeddings().weight.shape[0], key="reference_model",
+                          name=cfg.reference_model, source=" (rows of its embedding)")
+    return ref.to(device)
 
 
 def _reference(cfg: TrainConfig, model, ref, pairs, tokenizer, device, layout: str) -> dict[str, Any]:
@@ -223,10 +239,9 @@ def _reference(cfg: TrainConfig, model, ref, pairs, tokenizer, device, layout: s
     return {"ref_model": ref, "ref_disable_adapters": disable}
 
 
-def _eval_task(cfg: TrainConfig, tokenizer, objective, ref_info, layout: str) -> PreferenceTask | None:
-    if not cfg.eval_file or cfg.stage == "sft":
+def _eval_task(cfg: TrainConfig, data, tokenizer, objective, ref_info, layout: str) -> PreferenceTask | None:
+    if data is None or cfg.stage == "sft":
         return None
-    data, _ = _data(cfg, tokenizer, cfg.eval_file)
     if pairs_reason(data.pairs):
         layout = "separate"  # the train pairs chose the layout; eval pairs without a prompt cannot share
     kw = {k: v for k, v in ref_info.items() if k in ("ref_model", "ref_disable_adapters")}
@@ -238,20 +253,13 @@ def _eval_task(cfg: TrainConfig, tokenizer, objective, ref_info, layout: str) ->
                           layout=layout, **kw)
 
 
-def _probe(cfg: TrainConfig, tokenizer, task, eval_task, device) -> tuple[Probe | None, Any]:
+def _probe(cfg: TrainConfig, others, tokenizer, task, eval_task, device) -> tuple[Probe | None, Any]:
+    """The probe batch; ``others``: the probe file's (prompt, response) ids, read and tokenized as the
+    training rows are by the preflight (any training format: {prompt, completion}, messages, pairs)."""
     if not cfg.diagnostics or not isinstance(task, PreferenceTask):
         return None, None
     source = eval_task if eval_task is not None else task
     idx = list(range(min(cfg.probe_pairs, len(source))))
-    others = None
-    if cfg.probe_file:
-        rows = [Row(r.source, r.index, {"prompt": r.data.get("prompt"), "chosen": r.data.get("chosen"),
-                                        "rejected": f"{r.data.get('chosen')}\n"}, r.unit)
-                for r in load_rows(cfg.probe_file, columns={"chosen": "response", "rejected": "response"})]
-        # rejected is a placeholder (only the response is used): {prompt, response} rows
-        data = tokenize_rows(rows, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                             on_bad_row="skip")
-        others = [(p.prompt_ids, p.chosen_ids) for p in data.pairs]
     probe = Probe([source.pairs[i] for i in idx], tokenizer.pad_token_id, chunk_size=cfg.chunk_size, others=others)
     return probe, source.ref_sums_for(idx, device)
 
@@ -264,13 +272,18 @@ def make_optimizer(cfg: TrainConfig, params: list) -> torch.optim.AdamW:
 
 
 def build_run(cfg: TrainConfig) -> RunState:
+    """Check, load and build everything a run needs. The order: every check that needs no model weights
+    (preflight: paths, packages, data files and their rows, folders, tokenizers, the tokenized data), then
+    the model and the checks that need it, the reference, the tasks; the run folder is created last, so
+    that no bad input leaves one behind."""
     acc = make_accelerator(cfg)
     torch.manual_seed(cfg.seed)
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, gguf_file=cfg.gguf_file,
-                               trust_remote_code=cfg.trust_remote_code, tokenizer_class=cfg.tokenizer_class)
-    data, texts = _data(cfg, tokenizer, cfg.train_file)
+    inputs: Inputs = check_inputs(cfg, network=True)
+    tokenizer, data = inputs.tokenizer, inputs.train
+    for note in inputs.notes:
+        log.info("%s", note)
+    texts = [r.data.get("chosen") for r in inputs.train_rows[:64] if isinstance(r.data.get("chosen"), str)]
     model = _model(cfg, tokenizer, texts, acc.device)
-    run_dir = _prepare_run_dir(cfg)  # after the inputs are known good: a bad row leaves no run folder
     ref_info: dict[str, Any] = {}
     layout = "separate"
     objective = None
@@ -278,7 +291,7 @@ def build_run(cfg: TrainConfig) -> RunState:
         task: PreferenceTask | SFTTask = SFTTask(sft_sequences(data, cfg.extended_sft), tokenizer.pad_token_id)
     else:
         objective = cfg.build_objective()
-        ref = _load_reference(cfg, acc.device) if objective.needs_reference else None
+        ref = _load_reference(cfg, tokenizer, acc.device) if objective.needs_reference else None
         # a separate reference must qualify for the shared layout too
         layout = choose_layout(cfg.pair_layout, [model] + ([ref] if ref is not None else []), data.pairs,
                                tokenizer.pad_token_id, chunk_size=cfg.chunk_size)
@@ -287,15 +300,16 @@ def build_run(cfg: TrainConfig) -> RunState:
         task = PreferenceTask(data.pairs, objective, tokenizer.pad_token_id, chunk_size=cfg.chunk_size,
                               diagnostics=cfg.diagnostics, layout=layout,
                               **{k: v for k, v in ref_info.items() if k != "ref_cache"})
-    eval_task = _eval_task(cfg, tokenizer, objective, ref_info, layout)
+    eval_task = _eval_task(cfg, inputs.eval, tokenizer, objective, ref_info, layout)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, trainable)
-    probe, probe_ref = _probe(cfg, tokenizer, task, eval_task, acc.device)
+    probe, probe_ref = _probe(cfg, inputs.probe, tokenizer, task, eval_task, acc.device)
     stats = set(objective.needs_stats) | ({"sum_p2"} if cfg.diagnostics else set()) if objective else set()
     module = PolicyLogps(model, stats=sorted(stats), chunk_size=cfg.chunk_size)
     module, optimizer = acc.prepare(module, optimizer)
     schedule = Schedule(task.lengths, cfg.batch_size, cfg.seed, cfg.epochs, cfg.max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, schedule.total))
+    run_dir = _prepare_run_dir(cfg)  # last: every input is known good, so a bad one leaves no run folder
     if acc.is_main_process:
         (run_dir / "data_summary.json").write_text(json.dumps({"train": data.summary()}))
     return RunState(cfg, acc, run_dir, tokenizer, model, module, optimizer, scheduler, schedule, task, eval_task,

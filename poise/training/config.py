@@ -132,7 +132,9 @@ class TrainConfig:
     save_total_limit: int = F(2, "Checkpoints kept; older ones are deleted.", "run")
     resume: bool = F(False, "Continue from the last good checkpoint in output_dir.", "run")
     eval_steps: int = F(0, "Evaluate on eval_file every this many steps (0: only at the end).", "run")
-    report_to: list[str] = F([], "Also log to: tensorboard, wandb (each when installed).", "run")
+    report_to: list[str] = F([], "Also log to: tensorboard (event files in the run folder's tensorboard/), wandb "
+                             "(W&B; log in with `wandb login`, or set WANDB_MODE=offline). Both need the logging "
+                             "extra: pip install 'poise[logging]'.", "run")
     cpu: bool = F(False, "Run on the CPU even when a GPU is present.", "run")
     on_nonfinite: Literal["stop", "skip"] = F(
         "stop", "A non-finite loss or gradient is reported with its step and pairs; stop: save a checkpoint "
@@ -247,6 +249,8 @@ def from_dict(raw: dict[str, Any], *, source: str = "config", origins: dict[str,
         if not isinstance(key, str):
             raise ConfigError(f"{source}: the key {key!r} is not a name; config keys are names like beta or "
                               "learning_rate.")
+        if key in ("report_to", "balance") and isinstance(value, str):  # one name for a list of one
+            value = [] if key == "report_to" and value.lower() == "none" else [value]
         if key in TRAINER_FIELDS:
             known[key] = _check_type(origins.get(key, f"{source}: {key}"), value, _HINTS[key])
         else:
@@ -464,6 +468,8 @@ def parse_yaml(text: str, where: str) -> Any:
 
 def parse_override(item: str) -> tuple[str, Any]:
     """``key=value`` from the command line; the value is parsed as YAML (so 0.1, 1e-3, true, null, [a, b])."""
+    if item in ("--debug", "-h", "--help"):
+        raise ConfigError(f"{item} goes before the command: poise {item} train CONFIG [key=value ...].")
     if "=" not in item:
         raise ConfigError(f"override {item!r} on the command line is not key=value (e.g. beta=0.05 or "
                           "resume=true).")

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from poise.errors import PoiseError
+
 log = logging.getLogger("poise")
 
 
@@ -123,22 +125,32 @@ class RunLogger:
 
 
 def _tensorboard(folder: Path):
+    """A TensorBoard writer (event files in ``run_dir/tensorboard``; view them with
+    ``tensorboard --logdir RUN_DIR``)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        log.warning("report_to: tensorboard asked for, but tensorboard is not installed "
-                    "(pip install tensorboard); skipping it")
-        return None
+        raise PoiseError("report_to: tensorboard is asked for, but the tensorboard package is not installed. "
+                         "Install the logging extra: pip install 'poise[logging]' (or pip install tensorboard), "
+                         "or remove tensorboard from report_to.") from None
     return SummaryWriter(str(folder))
 
 
 def _wandb(config: dict[str, Any], run_dir: Path):
+    """A W&B run (files under ``run_dir/wandb``; project from WANDB_PROJECT, offline with
+    WANDB_MODE=offline)."""
     try:
         import wandb
     except ImportError:
-        log.warning("report_to: wandb asked for, but wandb is not installed (pip install wandb); skipping it")
-        return None
-    return wandb.init(config=config, dir=str(run_dir), name=os.path.basename(str(run_dir)))
+        raise PoiseError("report_to: wandb is asked for, but the wandb package is not installed. Install the "
+                         "logging extra: pip install 'poise[logging]' (or pip install wandb), or remove wandb "
+                         "from report_to.") from None
+    try:
+        return wandb.init(config=config, dir=str(run_dir), name=os.path.basename(os.path.abspath(str(run_dir))))
+    except Exception as e:  # no API key, no network, a bad WANDB_* setting: wandb's own error types
+        raise PoiseError(f"report_to: W&B could not start a run ({type(e).__name__}: {e}). Log in with `wandb "
+                         "login` (or set WANDB_API_KEY), or log offline with WANDB_MODE=offline, or remove wandb "
+                         "from report_to.") from None
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

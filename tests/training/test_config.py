@@ -72,11 +72,27 @@ def test_overrides_are_typed_yaml(tmp_path):
         load_config(p, ["beta"])
 
 
-def test_validate_and_show_on_the_command_line(tmp_path):
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from poise.model.tiny import build_tiny_model, build_tiny_tokenizer
+
+    d = tmp_path_factory.mktemp("model")
+    tok = build_tiny_tokenizer()
+    build_tiny_model(tok, hidden_size=16, num_layers=1).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_validate_and_show_on_the_command_line(tmp_path, model_dir):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "the cat", "chosen": " sat", "rejected": " ran"}\n' * 8)
     p = tmp_path / "c.yaml"
-    p.write_text("model: m\ntrain_file: d.jsonl\nmethod: gate-dpo\n")
+    p.write_text(f"model: {model_dir}\ntrain_file: {data}\nmethod: gate-dpo\noutput_dir: {tmp_path / 'run'}\n"
+                 f"cache_dir: {tmp_path / 'cache'}\n")
     ok = subprocess.run([sys.executable, "-m", "poise", "validate", str(p)], capture_output=True, text=True)
-    assert ok.returncode == 0 and "valid" in ok.stdout
+    assert ok.returncode == 0 and "valid" in ok.stdout, ok.stderr
+    assert "kept 8 of 8 rows" in ok.stdout  # the data was read and tokenized, without loading the model
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()  # validate writes nothing
     shown = subprocess.run([sys.executable, "-m", "poise", "show", str(p), "gate_tau=0.2"],
                            capture_output=True, text=True)
     assert "gate_tau: 0.2" in shown.stdout and "gate_calibration_pairs: 256" in shown.stdout
@@ -84,6 +100,16 @@ def test_validate_and_show_on_the_command_line(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "poise", "validate", str(p)], capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "betta" in bad.stderr and "beta" in bad.stderr
+
+
+def test_every_shipped_config_is_named_for_what_it_trains():
+    """configs/adadpo-lora.yaml trains adadpo with LoRA; configs/sft.yaml is the SFT stage."""
+    for path in SHIPPED:
+        cfg = load_config(path)
+        name = path.stem.removesuffix("-lora")
+        assert (cfg.lora_r > 0) == path.stem.endswith("-lora"), path.name
+        assert name == ("sft" if cfg.stage == "sft" else cfg.method), (path.name, cfg.method)
+    assert {"dpo", "dpo-lora", "adadpo", "adadpo-lora"} <= {p.stem for p in SHIPPED}
 
 
 def test_docs_config_md_is_generated_from_the_field_docs():
