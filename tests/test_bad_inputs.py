@@ -355,5 +355,28 @@ def test_gguf_without_the_package_through_the_command_line(tmp_path, capsys, mon
 
 
 def test_bad_input_corpus_size():
-    """38 cases before the reliability work on inputs and configuration."""
-    assert len(DATA_CASES) + len(CONFIG_CASES) + 3 + len(INPUT_CASES) + 1 + len(OVERRIDE_CASES) + 5 >= 75
+    """38 cases before the checks of inputs and configuration before the model loads; 76 since (the five
+    single tests: method switch, report_to, wandb login, gguf, resume with another model)."""
+    single = 5
+    assert len(DATA_CASES) + len(CONFIG_CASES) + 3 + len(INPUT_CASES) + 1 + len(OVERRIDE_CASES) + single >= 76
+
+
+def test_resume_with_another_models_weights(tmp_path, model_dir, capsys):
+    """A resume whose model does not fit the checkpoint (accepted as a config change): the message names
+    the checkpoint and the fix, and the run's checkpoints are left as they were."""
+    other = tmp_path / "other"
+    tok = build_tiny_tokenizer()
+    build_tiny_model(tok, hidden_size=32, num_layers=1).save_pretrained(other)
+    tok.save_pretrained(other)
+    (tmp_path / "d.jsonl").write_text(GOOD * 4)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {model_dir}\ntrain_file: {tmp_path / 'd.jsonl'}\noutput_dir: {tmp_path / 'run'}\n"
+                   f"cache_dir: {tmp_path / 'cache'}\nmethod: dpo\nbatch_size: 2\nmicro_batch_size: 2\n"
+                   "max_steps: 2\nsave_steps: 1\n")
+    assert main(["train", str(cfg)]) == 0
+    before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    code, err = _run(capsys, ["train", str(cfg), "resume=true", f"model={other}", "allow_config_change=true"])
+    assert code == 2 and "Traceback" not in err, err
+    for w in ("checkpoint", "does not match the model", "other tensor shapes", "another output_dir"):
+        assert w in err, (w, err)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before

@@ -123,9 +123,12 @@ class TrainConfig:
                                "diagnostics")
     probe_pairs: int = F(16, "Pairs in the probe batch (from eval_file when given, else train_file).",
                          "diagnostics")
-    probe_file: str | None = F(None, "JSONL of {prompt, response} rows unrelated to the training pairs, "
-                               "to measure squeezing; default: each probe prompt with another pair's "
-                               "chosen response.", "diagnostics")
+    probe_file: str | None = F(None, "Prompt/response rows unrelated to the training pairs, to measure "
+                               "squeezing, in any format train_file takes: {prompt, completion} (or response), "
+                               "chat {messages} or {prompt, completion} as messages, or preference rows (the "
+                               "chosen is used); rendered as the training rows are (the chat template when they "
+                               "are conversational). Default: each probe prompt with another pair's chosen "
+                               "response.", "diagnostics")
     # -- run -----------------------------------------------------------------------------------------
     logging_steps: int = F(1, "Write metrics every this many steps.", "run")
     save_steps: int = F(100, "Write a checkpoint every this many steps (0: only at the end).", "run")
