@@ -302,9 +302,45 @@ def _read_saved_dataset(path: Path, name: str, split: str) -> Records:
     return _enumerate(loaded)
 
 
+def hub_dataset_name(source: str | os.PathLike) -> bool:
+    """Whether ``source`` would be read as a Hub dataset name (neither a local path nor meant as one)."""
+    name = os.fspath(source)
+    return not Path(name).expanduser().exists() and not _looks_like_path(name)
+
+
+def _check_hub_dataset(name: str) -> None:
+    """One request to the Hub before ``load_dataset`` (which retries an unreachable Hub for half a minute,
+    printing each retry): a name the Hub does not have, or a Hub that cannot be reached, is one message."""
+    import logging
+
+    from huggingface_hub import HfApi, constants
+
+    logging.getLogger("huggingface_hub").propagate = False  # its own handler prints its warnings; not twice
+    offline = os.environ.get("HF_DATASETS_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    if offline or constants.HF_HUB_OFFLINE:
+        return  # datasets looks in its cache only, and says so
+    try:
+        HfApi().dataset_info(name, timeout=10)
+    except Exception as err:  # the Hub's HTTP errors, or no connection (several libraries' types)
+        kind = type(err).__name__
+        if kind == "RepositoryNotFoundError":
+            raise DataError(
+                f"{name}: no such file or folder here ({Path(name).resolve()}), and the Hugging Face Hub has "
+                f"no dataset {name!r} (or it is private: log in with `hf auth login`). Check the path or the name."
+            ) from None
+        if kind in ("GatedRepoError", "HfHubHTTPError"):
+            return  # load_dataset explains these itself
+        raise DataError(
+            f"{name}: no such file or folder here ({Path(name).resolve()}), and the Hugging Face Hub cannot be "
+            f"reached to fetch a dataset of that name ({kind}: {err}). Check the path (relative paths start "
+            f"from {os.getcwd()}), or the network."
+        ) from None
+
+
 def _read_hub(name: str, split: str) -> Records:
     import datasets
 
+    _check_hub_dataset(name)
     try:
         loaded = datasets.load_dataset(name, split=split)
     except Exception as err:  # network, missing dataset, missing split, ...

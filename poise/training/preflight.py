@@ -26,6 +26,7 @@ from typing import Any
 
 from poise.data import Row, load_rows, tokenize_rows
 from poise.data.formats import CONVERSATIONAL, check_one_format
+from poise.data.load import hub_dataset_name
 from poise.data.tokenize import TokenizedData, tokenize_completions
 from poise.errors import ConfigError, DataError
 from poise.model.load import (
@@ -64,15 +65,16 @@ class Inputs:
 
 def check_inputs(cfg: TrainConfig, *, network: bool = True, tokenize: bool = True) -> Inputs:
     """Run every check that needs no model weights. ``network=False`` (``poise validate``) never asks the
-    Hub: a Hub name is checked against the local cache only when the Hub is offline, else noted."""
+    Hub: a Hub model name is checked against the local cache only when the Hub is offline, and a Hub
+    model or dataset name is noted instead of fetched."""
     out = Inputs()
     objective = cfg.build_objective()
     check_report_to(cfg)
     hub = _check_model_sources(cfg, network, out.notes)
-    rows = _read_data(cfg)
-    out.train_rows = rows["train"]
+    rows = _read_data(cfg, network, out.notes)
+    out.train_rows = rows.get("train", [])
     _check_folders(cfg, objective)
-    if not tokenize:
+    if not tokenize or "train" not in rows:
         return out
     if not hub["tokenizer"]:
         out.notes.append(f"tokenizer {cfg.tokenizer or cfg.model}: a Hugging Face Hub name, not fetched by validate; "
@@ -82,19 +84,22 @@ def check_inputs(cfg: TrainConfig, *, network: bool = True, tokenize: bool = Tru
     if cfg.reference_model and objective is not None and objective.needs_reference and hub["reference_model"]:
         _check_reference(cfg, out.tokenizer)
     _check_vocabulary(cfg, out.tokenizer)
+    _tokenize_all(cfg, out, rows)
+    return out
+
+
+def _tokenize_all(cfg: TrainConfig, out: Inputs, rows: dict[str, list[Row]]) -> None:
     out.train = _tokenize(cfg, out.tokenizer, rows["train"], cfg.train_file)
     _check_batch(cfg, len(out.train), f"usable pairs in {cfg.train_file} ({out.train.summary()})")
+    out.notes.append(f"{cfg.train_file}: {out.train.summary()}")
     if "eval" in rows and cfg.stage != "sft":
         out.eval = _tokenize(cfg, out.tokenizer, rows["eval"], cfg.eval_file)
+        out.notes.append(f"{cfg.eval_file}: {out.eval.summary()}")
     if "probe" in rows and cfg.diagnostics and cfg.stage != "sft":
         chat = check_one_format(rows["train"]) == CONVERSATIONAL
         out.probe = tokenize_completions(rows["probe"], out.tokenizer, max_length=cfg.max_length,
                                          max_prompt_length=cfg.max_prompt_length, chat=chat,
                                          on_bad_row=cfg.on_bad_row)
-    out.notes.append(f"{cfg.train_file}: {out.train.summary()}")
-    if out.eval is not None:
-        out.notes.append(f"{cfg.eval_file}: {out.eval.summary()}")
-    return out
 
 
 # -- report_to -----------------------------------------------------------------------------------------
@@ -165,16 +170,25 @@ def _check_source(name: str, gguf_file: str | None, key: str, network: bool, not
 
 
 # -- data files ------------------------------------------------------------------------------------------
-def _read_data(cfg: TrainConfig) -> dict[str, list[Row]]:
+def _read_data(cfg: TrainConfig, network: bool, notes: list[str]) -> dict[str, list[Row]]:
     columns = cfg.columns or None
-    rows = {"train": _rows("train_file", cfg.train_file, split=cfg.split, columns=columns)}
-    check_one_format(rows["train"])
-    _check_batch(cfg, len(rows["train"]), f"rows in {cfg.train_file}")
-    if cfg.eval_file:
-        rows["eval"] = _rows("eval_file", cfg.eval_file, split=cfg.split, columns=columns)
-        check_one_format(rows["eval"])
-    if cfg.probe_file and cfg.stage != "sft":
-        rows["probe"] = _probe_rows(cfg.probe_file)
+    files = {"train": ("train_file", cfg.train_file), "eval": ("eval_file", cfg.eval_file),
+             "probe": ("probe_file", cfg.probe_file if cfg.stage != "sft" else None)}
+    rows: dict[str, list[Row]] = {}
+    for what, (key, path) in files.items():
+        if not path:
+            continue
+        if not network and hub_dataset_name(path):
+            notes.append(f"{key} {path}: not a local file; taken as a Hugging Face Hub dataset (fetched when "
+                         "training)")
+            continue
+        if what == "probe":
+            rows[what] = _probe_rows(path)
+            continue
+        rows[what] = _rows(key, path, split=cfg.split, columns=columns)
+        check_one_format(rows[what])
+        if what == "train":
+            _check_batch(cfg, len(rows[what]), f"rows in {path}")
     return rows
 
 

@@ -301,3 +301,39 @@ def test_row_is_frozen():
     with pytest.raises(AttributeError):
         row.index = 4
     assert row.where == "f.jsonl, line 3"
+
+
+def _hub_error(name):
+    return type(name, (Exception,), {})
+
+
+@pytest.mark.parametrize("error,match", [
+    (_hub_error("RepositoryNotFoundError")("404"), r"^some-prefs: no such file or folder here .*has no dataset"),
+    (_hub_error("ConnectError")("Name or service not known"), r"^some-prefs: no such file or folder here .*cannot "
+                                                              r"be reached"),
+])
+def test_a_hub_dataset_name_is_asked_for_once_without_retries(monkeypatch, tmp_path, error, match):
+    """load_dataset retries an unreachable Hub for half a minute; one request says what is wrong first."""
+    import huggingface_hub
+
+    calls = []
+
+    def dataset_info(self, name, timeout=None):
+        calls.append(name)
+        raise error
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", dataset_info)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("load_dataset was called"))
+    with pytest.raises(DataError, match=match):
+        load_rows("some-prefs")
+    assert calls == ["some-prefs"]
+
+
+def test_rows_without_the_preference_columns_when_none_are_required(write_jsonl):
+    path = write_jsonl([{"prompt": "a", "completion": " b"}])
+    with pytest.raises(DataError, match="no column 'chosen'"):
+        load_rows(str(path))
+    assert load_rows(str(path), required=())[0].data == {"prompt": "a", "completion": " b"}

@@ -110,3 +110,11 @@ def test_a_checkpoint_of_another_model_is_refused_with_the_fix(tmp_path):
         RunState.load_model_weights(_fake_run(other, tmp_path), tmp_path / "empty")
     same = build_tiny_model(tok, hidden_size=16, num_layers=1, seed=1)
     RunState.load_model_weights(_fake_run(same, tmp_path), tmp_path / "ckpt")  # the same model loads
+
+
+def test_validate_notes_a_hub_dataset_instead_of_fetching_it(tmp_path, assets, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = _cfg(assets, tmp_path, [STANDARD] * 4, train_file="org/some-prefs")
+    inputs = check_inputs(cfg, network=False)  # the test guard would fail any connection
+    assert any("org/some-prefs" in n and "Hub dataset" in n for n in inputs.notes)
+    assert inputs.train is None
