@@ -56,9 +56,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     written and the Hub is not asked (a Hub name is noted, and checked against the cache when offline)."""
     from poise.training.config import load_config
     from poise.training.preflight import check_inputs
+    from poise.training.runfolder import precheck
 
     cfg = load_config(args.config, args.overrides)
     obj = cfg.build_objective()
+    precheck(cfg)  # read only: the output_dir in use, a fresh run into a run's output, a resume that would fail
     inputs = check_inputs(cfg, network=False)
     what = "sft" if obj is None else repr(obj)
     print(f"{args.config}: valid ({what})")

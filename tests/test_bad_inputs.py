@@ -355,10 +355,10 @@ def test_gguf_without_the_package_through_the_command_line(tmp_path, capsys, mon
 
 
 def test_bad_input_corpus_size():
-    """38 cases before the checks of inputs and configuration before the model loads; 76 since (the five
-    single tests: method switch, report_to, wandb login, gguf, resume with another model)."""
-    single = 5
-    assert len(DATA_CASES) + len(CONFIG_CASES) + 3 + len(INPUT_CASES) + 1 + len(OVERRIDE_CASES) + single >= 76
+    """38 cases before the checks of inputs and configuration before the model loads; 77 since (the six
+    single tests: method switch, report_to, wandb login, gguf, resume with another model, output_dir)."""
+    single = 6
+    assert len(DATA_CASES) + len(CONFIG_CASES) + 3 + len(INPUT_CASES) + 1 + len(OVERRIDE_CASES) + single >= 77
 
 
 def test_resume_with_another_models_weights(tmp_path, model_dir, capsys):
@@ -380,3 +380,17 @@ def test_resume_with_another_models_weights(tmp_path, model_dir, capsys):
     for w in ("checkpoint", "does not match the model", "other tensor shapes", "another output_dir"):
         assert w in err, (w, err)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
+
+
+def test_validate_refuses_an_output_dir_that_train_would_refuse(tmp_path, model_dir, capsys):
+    """poise validate runs the read-only checks of the run folder too: a fresh run into a finished run's
+    output, a resume with a changed config."""
+    (tmp_path / "d.jsonl").write_text(GOOD * 2)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {model_dir}\ntrain_file: {tmp_path / 'd.jsonl'}\noutput_dir: {tmp_path / 'run'}\n"
+                   f"cache_dir: {tmp_path / 'cache'}\nmethod: dpo\nbatch_size: 1\nmicro_batch_size: 1\nmax_steps: 1\n")
+    assert main(["validate", str(cfg)]) == 0 and not (tmp_path / "run").exists()
+    assert main(["train", str(cfg)]) == 0
+    capsys.readouterr()
+    code, err = _run(capsys, ["validate", str(cfg)])
+    assert code == 2 and "output_dir" in err and "resume=true" in err and "Traceback" not in err, err
