@@ -42,12 +42,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg)
-    state = "stopped early (resume with resume=true)" if result.stopped_early else "done"
     if os.environ.get("RANK", "0") != "0":
         return 0 if not result.stopped_early else 130
-    print(f"{state}: {result.steps} steps; model in {result.model_dir}; metrics in "
-          f"{result.run_dir / 'metrics.jsonl'}")
-    return 0 if not result.stopped_early else 130
+    metrics = result.run_dir / "metrics.jsonl"
+    if result.stopped_early:  # what is on disk: a checkpoint, never a final model
+        from poise.training.runfolder import saved_summary
+
+        print(f"stopped early at step {result.steps} by a signal: {saved_summary(result.run_dir)}; no final "
+              f"model; resume with resume=true; metrics in {metrics}")
+        return 130
+    print(f"done: {result.steps} steps; model in {result.model_dir}; metrics in {metrics}")
+    return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -240,16 +245,47 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="poise: %(message)s")
-    _quiet_libraries()
     try:
-        return COMMANDS[args.command][0](args)
-    except PoiseError as e:
-        if args.debug:
-            raise
-        print(f"poise: error: {e}", file=sys.stderr)
-        return 2
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO, format="poise: %(message)s")
+        _quiet_libraries()
+        try:
+            return COMMANDS[args.command][0](args)
+        except PoiseError as e:
+            if args.debug:
+                raise
+            _end_progress_bars()
+            print(f"poise: error: {e}", file=sys.stderr)
+            return 2
+    except KeyboardInterrupt:  # Ctrl-C (or SIGTERM during a run) at any moment: one line, no traceback
+        return _interrupted(argv)
+
+
+def _end_progress_bars() -> None:
+    """Close the progress bars an error left drawn, so that the message starts on a line of its own."""
+    std = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(std, "tqdm", None), "_instances", None) or []):
+        try:
+            bar.close()
+        except Exception:  # pragma: no cover - a bar of another thread
+            pass
+
+
+def _interrupted(argv: Sequence[str] | None) -> int:
+    """Exit 130 with one line saying what the interrupted run left to resume from (read from disk)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not turn this into a traceback
+    _end_progress_bars()
+    run = sys.modules.get("poise.training.runfolder")  # loaded only once a run may have opened its folder
+    if "--debug" in (sys.argv[1:] if argv is None else argv):
+        import traceback
+
+        traceback.print_exc()
+    saved = run.saved_summary() if run is not None else "nothing saved yet"
+    hint = "; resume with resume=true" if saved.startswith(("checkpoint", "nothing new")) else ""
+    print(f"poise: interrupted: {saved}{hint}", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

@@ -50,9 +50,10 @@ log = logging.getLogger("poise")
 
 LOCK_NAME = ".poise.lock"
 CHANGES_NAME = "config_changes.jsonl"
-#: What poise writes into a run folder; a fresh run (resume: false) into a folder holding any of them
-#: is refused.
-RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "model", "checkpoints", CHANGES_NAME, "data_summary.json")
+#: What a run writes into its folder that a new run would overwrite; a fresh run (resume: false) into a
+#: folder holding any of them is refused. (data_summary.json is not one: each run writes it again from
+#: its data, so a run interrupted before its first step can be started again as it was.)
+RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "model", "checkpoints", CHANGES_NAME)
 
 #: Config keys whose change does not alter the training trajectory: accepted on resume (and recorded).
 NOT_TRAJECTORY = frozenset({
