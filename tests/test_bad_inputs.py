@@ -2,6 +2,9 @@
 paragraph that names the file and row (or the key) and what to do, no traceback, no run folder."""
 
 import json
+import os
+import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -394,3 +397,93 @@ def test_validate_refuses_an_output_dir_that_train_would_refuse(tmp_path, model_
     capsys.readouterr()
     code, err = _run(capsys, ["validate", str(cfg)])
     assert code == 2 and "output_dir" in err and "resume=true" in err and "Traceback" not in err, err
+
+
+# -- the run folder: in use, holding a run's output, or a resume that cannot be verified ------------------
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, model_dir):
+    """A finished two-step run (checkpoints of steps 1 and 2, model/, metrics.jsonl, config.yaml) and its
+    config file; each case works on a copy."""
+    root = tmp_path_factory.mktemp("finished")
+    (root / "d.jsonl").write_text(GOOD * 4)
+    cfg = root / "c.yaml"
+    cfg.write_text(f"model: {model_dir}\ntrain_file: {root / 'd.jsonl'}\noutput_dir: {root / 'run'}\n"
+                   f"cache_dir: {root / 'cache'}\nmethod: dpo\nbatch_size: 2\nmicro_batch_size: 2\nmax_steps: 2\n"
+                   "save_steps: 1\nlearning_rate: 1.0e-3\nscheduler: constant\nwarmup_ratio: 0.0\n")
+    assert main(["train", str(cfg)]) == 0
+    return root
+
+
+def _lock(run, pid, host):
+    (run / ".poise.lock").write_text(json.dumps({"pid": pid, "host": host, "since": "2024-05-01T09:30:00"}))
+
+
+def _corrupt(path):
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _ckpt(run, step):
+    return run / "checkpoints" / f"step-{step:08d}"
+
+
+# (name, what to do to a copy of the finished run (None: start from an empty folder), overrides, words the
+# message must contain); every case: exit code 2, nothing in the run folder written, deleted or changed
+RUN_FOLDER_CASES = [
+    ("folder in use", lambda run: _lock(run, os.getpid(), socket.gethostname()), [],
+     ["is in use by another poise run", f"pid {os.getpid()} on host {socket.gethostname()}",
+      "since 2024-05-01T09:30:00", "choose another output_dir"]),
+    ("folder in use, resume", lambda run: _lock(run, os.getpid(), socket.gethostname()), ["resume=true"],
+     ["is in use by another poise run", f"pid {os.getpid()}"]),
+    ("lock of another host", lambda run: _lock(run, 4242, "node-17"), ["resume=true"],
+     ["pid 4242 on host node-17", "If you are sure it has stopped, delete", ".poise.lock"]),
+    ("unreadable lock", lambda run: (run / ".poise.lock").write_text(""), ["resume=true"],
+     ["unreadable lock file", ".poise.lock", "delete"]),
+    ("fresh run into a finished run", lambda run: None, [],
+     ["already holds the output of a run", "config.yaml", "metrics.jsonl", "model/", "checkpoints/",
+      "resume with resume=true, or choose another output_dir"]),
+    ("fresh run into metrics only", lambda run: [shutil.rmtree(run / p) if (run / p).is_dir() else (run / p).unlink()
+                                                 for p in ("model", "checkpoints", "config.yaml")],
+     [], ["already holds the output of a run (metrics.jsonl)", "resume with resume=true"]),
+    ("resume, manifests missing", lambda run: [(_ckpt(run, s) / "manifest.json").unlink() for s in (1, 2)],
+     ["resume=true"], ["no checkpoint verifies", "step-00000002: manifest.json is missing",
+                       "step-00000001: manifest.json is missing", "Nothing was changed or deleted",
+                       "Restore the missing or damaged files", "new output_dir"]),
+    ("resume, checksums fail", lambda run: [_corrupt(_ckpt(run, s) / "model" / "model.safetensors") for s in (1, 2)],
+     ["resume=true"], ["no checkpoint verifies", "step-00000002: model/model.safetensors fails its checksum",
+                       "step-00000001: model/model.safetensors fails its checksum"]),
+    ("resume over a model without checkpoints", lambda run: shutil.rmtree(run / "checkpoints"), ["resume=true"],
+     ["holds a final model (model/) but no checkpoint to resume from", "another output_dir"]),
+    ("resume with another learning rate and seed", lambda run: None, ["resume=true", "learning_rate=0.01", "seed=3"],
+     ["settings that change the training trajectory", "learning_rate: 0.001 -> 0.01", "seed: 0 -> 3",
+      "allow_config_change: true", "config_changes.jsonl"]),
+    ("resume with another method", lambda run: None, ["resume=true", "method=ipo"],
+     ["method: \"dpo\" -> \"ipo\"", "allow_config_change"]),
+    ("resume with max_steps below the checkpoint", lambda run: None, ["resume=true", "max_steps=1"],
+     ["max_steps=1 is below the step of the checkpoint", "step 2", "max_steps to 2 or more"]),
+]
+
+
+def _files(folder):
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("name,setup,overrides,words", RUN_FOLDER_CASES, ids=[c[0] for c in RUN_FOLDER_CASES])
+def test_bad_run_folder(tmp_path, finished_run, capsys, name, setup, overrides, words):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run / "run", run)
+    setup(run)
+    before = _files(run)
+    text = (finished_run / "c.yaml").read_text().replace(str(finished_run / "run"), str(run))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    code, err = _run(capsys, ["train", str(cfg), *overrides])
+    assert code == 2, err
+    assert err.startswith("poise: error:") and "Traceback" not in err and err.count("\n") <= 2, err
+    assert str(run) in err, err
+    for w in words:
+        assert w in err, (w, err)
+    assert _files(run) == before
