@@ -19,5 +19,10 @@ class ConfigError(PoiseError, ValueError):
     """A setting is missing, unknown or out of range."""
 
 
+class LaunchError(ConfigError):
+    """The processes were not started as the config asks (a launch form that would silently run something
+    else, or a process whose peers never came); the message says what to run instead."""
+
+
 class NonFiniteError(PoiseError):
     """A non-finite loss or gradient stopped training (a checkpoint of the last good weights is kept)."""

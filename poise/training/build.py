@@ -29,6 +29,8 @@ from poise.model.load import (
 from poise.model.reference import cached_reference_sums
 from poise.model.shared_prefix import choose_layout, pairs_reason
 from poise.training.config import TrainConfig, from_dict
+from poise.training.engines import make_engine
+from poise.training.launch import check_launch
 from poise.training.preflight import Inputs, check_inputs
 from poise.training.runlog import MetricAccumulator
 from poise.training.schedule import Schedule, lr_lambda
@@ -47,7 +49,7 @@ class RunState:
     run_dir: Path
     tokenizer: Any
     model: Any  # the Hugging Face model (a PeftModel with LoRA), unwrapped
-    module: Any  # PolicyLogps, prepared by accelerate (DDP/FSDP-wrapped when distributed)
+    module: Any  # PolicyLogps, prepared by the engine (DDP-wrapped, or FSDP-sharded in place)
     optimizer: Any
     scheduler: Any
     schedule: Schedule
@@ -57,20 +59,30 @@ class RunState:
     probe: Probe | None = None  # preference stages with diagnostics on
     probe_ref: Any = None  # (P, 2) reference sums of the probe pairs
     state: dict[str, Any] = field(default_factory=dict)  # the task's explicit state (balancers)
+    engine: Any = None  # how the processes share the model (poise/training/engines.py)
 
     def probe_metrics(self) -> dict[str, float]:
-        """Squeezing probes and parameter-space gradient norms on the probe batch (main process)."""
-        if self.probe is None or not self.accelerator.is_main_process:
+        """Squeezing probes and parameter-space gradient norms on the probe batch, measured on the main
+        process on the whole model (every rank calls this: a sharded model is gathered)."""
+        if self.probe is None:
             return {}
-        model = self.unwrapped_model()
-        out = self.probe.logps(model, self.accelerator.device)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        out.update(self.probe.param_grads(model, self.task.objective, self.state, trainable,
-                                          self.accelerator.device, self.probe_ref))
+        with self.engine.full_model() as model:
+            if model is None:
+                return {}
+            out = self.probe.logps(model, self.accelerator.device)
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            out.update(self.probe.param_grads(model, self.task.objective, self.state, trainable,
+                                              self.accelerator.device, self.probe_ref))
         return out
 
     def unwrapped_model(self):
-        return self.accelerator.unwrap_model(self.module).model
+        """The Hugging Face model as this process holds it (its parameters are shards under FSDP)."""
+        return self.engine.policy().model
+
+    def load_checkpoint(self, ckpt: Path, state: dict[str, Any]) -> None:
+        """The model's and optimizer's state from checkpoint ``ckpt`` in the engine's format (a Hugging
+        Face folder, or every rank's shards); ``state`` is its training_state.pt. Every rank calls it."""
+        self.engine.load_checkpoint(ckpt, state, self.load_model_weights)
 
     def resolved_config(self) -> TrainConfig:
         """The config with what calibration decided (``gate_tau: auto`` -> the threshold in use), so that
@@ -123,14 +135,9 @@ class RunState:
                     disable=not self.accelerator.is_main_process)
 
     def check_replicas_agree(self) -> None:
-        """After the first step every rank must hold the same weights, else gradients are not synced."""
-        with torch.no_grad():
-            s = torch.stack([p.double().sum() for p in self.trainable]).sum()[None].to(self.accelerator.device)
-        allv = self.accelerator.gather(s)
-        if not torch.allclose(allv, allv[0].expand_as(allv), rtol=1e-6, atol=0):
-            raise ConfigError("the processes hold different weights after the first step: gradients are not "
-                              "synchronised, each rank would train its own copy. Launch with accelerate "
-                              "launch or torchrun so that poise sees every process.")
+        """After the first step every rank must hold the same weights, else gradients are not synced
+        (an engine that shards the model holds no replicas to compare)."""
+        self.engine.check_replicas_agree(self.trainable)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -140,11 +147,17 @@ class RunState:
             return {}
         self.module.eval()
         acc = MetricAccumulator()
-        idx = list(range(self.accelerator.process_index, len(task), self.accelerator.num_processes))
-        for i in range(0, len(idx), self.cfg.micro_batch_size):
-            mb = idx[i:i + self.cfg.micro_batch_size]
-            _, m, _ = task.loss(self.module, mb, self.accelerator.device, state=self.state, num_items=len(mb),
-                                num_tokens=task.norm_tokens(mb))
+        world, size = self.accelerator.num_processes, self.cfg.micro_batch_size
+        # one process's micro-batches, dealt out to the ranks in turn: the same metrics for any number of
+        # processes. Every rank runs as many micro-batches as rank 0 (a sharded model's forward is a
+        # collective): a rank with fewer scores pair 0 instead and counts it with weight 0.
+        batches = [list(range(i, min(i + size, len(task)))) for i in range(0, len(task), size)]
+        mine = batches[self.accelerator.process_index::world]
+        for j in range(-(-len(batches) // world)):
+            mb = mine[j] if j < len(mine) else []
+            work = mb or [0]
+            _, m, _ = task.loss(self.module, work, self.accelerator.device, state=self.state, num_items=len(work),
+                                num_tokens=task.norm_tokens(work))
             acc.add(m, len(mb))
         self.module.train()
         return {f"eval/{k}": v for k, v in acc.reduce(self.accelerator).items()}
@@ -153,24 +166,31 @@ class RunState:
         """The trained model in Hugging Face format (safetensors), LoRA merged, with its tokenizer."""
         out = self.run_dir / "model"
         self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            model = self.unwrapped_model()
-            if hasattr(model, "merge_and_unload"):
-                model = model.merge_and_unload()
-            model.save_pretrained(out, safe_serialization=True)
-            self.tokenizer.save_pretrained(out)
+        with self.engine.full_model() as model:  # gathered onto the main process when sharded
+            if model is not None:
+                if hasattr(model, "merge_and_unload"):
+                    model = model.merge_and_unload()
+                model.save_pretrained(out, safe_serialization=True)
+                self.tokenizer.save_pretrained(out)
         self.accelerator.wait_for_everyone()
         return out
 
 
 def make_accelerator(cfg: TrainConfig):
+    """accelerate's Accelerator: the processes (device, gather, reduce) of a launch that runs what the
+    config asks for (poise/training/launch.py: a launch form that would run something else is refused)."""
     from accelerate import Accelerator
 
+    from poise.training.launch import accelerate_env, check_launch, init_distributed
+
+    engine = check_launch(cfg)
+    init_distributed(cfg)  # the process group, its rendezvous bounded by distributed_timeout
     mp = cfg.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not cfg.cpu else "no"
     # Without a GPU, accelerate sets up multi-process (gloo) training only when told cpu=True.
-    acc = Accelerator(cpu=cfg.cpu or not torch.cuda.is_available(), mixed_precision=mp)
+    with accelerate_env(engine):  # an engine poise runs itself is not set up by accelerate a second time
+        acc = Accelerator(cpu=cfg.cpu or not torch.cuda.is_available(), mixed_precision=mp)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and acc.num_processes != world:
         raise ConfigError(f"launched with WORLD_SIZE={world} but accelerate sees {acc.num_processes} process: "
@@ -301,16 +321,17 @@ def build_run(cfg: TrainConfig) -> RunState:
                               diagnostics=cfg.diagnostics, layout=layout,
                               **{k: v for k, v in ref_info.items() if k != "ref_cache"})
     eval_task = _eval_task(cfg, inputs.eval, tokenizer, objective, ref_info, layout)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(cfg, trainable)
     probe, probe_ref = _probe(cfg, inputs.probe, tokenizer, task, eval_task, acc.device)
     stats = set(objective.needs_stats) | ({"sum_p2"} if cfg.diagnostics else set()) if objective else set()
     module = PolicyLogps(model, stats=sorted(stats), chunk_size=cfg.chunk_size)
-    module, optimizer = acc.prepare(module, optimizer)
+    engine = make_engine(cfg, acc, check_launch(cfg))
+    # the optimizer is built over the engine's parameters (FSDP replaces them by shards)
+    module, optimizer = engine.prepare(module, lambda params: make_optimizer(cfg, params))
     schedule = Schedule(task.lengths, cfg.batch_size, cfg.seed, cfg.epochs, cfg.max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, schedule.total))
     run_dir = _prepare_run_dir(cfg)  # last: every input is known good, so a bad one leaves no run folder
     if acc.is_main_process:
         (run_dir / "data_summary.json").write_text(json.dumps({"train": data.summary()}))
     return RunState(cfg, acc, run_dir, tokenizer, model, module, optimizer, scheduler, schedule, task, eval_task,
-                    [p for p in module.parameters() if p.requires_grad], probe, probe_ref, task.init_state())
+                    [p for p in module.parameters() if p.requires_grad], probe, probe_ref, task.init_state(),
+                    engine)

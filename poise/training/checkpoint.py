@@ -6,6 +6,12 @@ the calibrated gate threshold), plus ``manifest.json`` with a SHA-256 of every f
 under a temporary name, flushed, then renamed, so a process killed at any moment leaves either the
 whole checkpoint or none. On resume the newest checkpoint whose checksums verify is used; a damaged
 one is reported and skipped. Tensors are loaded with ``torch.load(weights_only=True)``.
+
+An engine that shards the model (``distributed: fsdp``) writes a sharded checkpoint
+(:func:`save_sharded_checkpoint`): every process writes its part of the model and optimizer state
+(``torch.distributed.checkpoint``) into ``shards/`` of the same temporary folder, then the main process
+adds the rest and finishes exactly as above: the manifest holds a checksum of every rank's file, and
+one rename publishes the whole checkpoint or nothing.
 """
 
 from __future__ import annotations
@@ -24,14 +30,16 @@ import torch
 
 log = logging.getLogger("poise")
 MANIFEST = "manifest.json"
+#: The folder of a sharded checkpoint that holds every rank's part (torch.distributed.checkpoint).
+SHARDS = "shards"
 #: Test hook: ``POISE_TEST_KILL_AT=<phase>:<step>`` SIGKILLs the process at that phase of writing that
-#: step's checkpoint (phases: model, state, manifest, rename), to test that a kill at any moment leaves
-#: a resumable run. Unset in normal use.
+#: step's checkpoint (phases: shards, model, state, manifest, rename), to test that a kill at any moment
+#: leaves a resumable run; ``<phase>:<step>:<rank>`` kills only that rank. Unset in normal use.
 KILL_ENV = "POISE_TEST_KILL_AT"
 
 
 def _kill_point(phase: str, step: int) -> None:
-    if os.environ.get(KILL_ENV) == f"{phase}:{step}":
+    if os.environ.get(KILL_ENV) in (f"{phase}:{step}", f"{phase}:{step}:{os.environ.get('RANK', '0')}"):
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
@@ -80,7 +88,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, optimizer, scheduler,
-                    trainer_state: dict[str, Any], keep: int) -> Path:
+                    trainer_state: dict[str, Any], keep: int, tmp: Path | None = None) -> Path:
     """Write ``checkpoints/step-{step}`` atomically, verify it, and only then prune all but the newest
     ``keep``: no older checkpoint is deleted before a newer one is on disk whole."""
     root = Path(run_dir) / "checkpoints"
@@ -89,9 +97,8 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, optimizer, sc
     if final.is_dir() and verify(final) is None:  # this step is saved already: never rewrite a good one
         log.info("checkpoint %s is already saved and verifies; kept as it is", final)
         return final
-    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    if tmp is None:  # else the temporary folder holds every rank's shards already (save_sharded_checkpoint)
+        tmp = _new_tmp(root, step)
     try:
         final = _write(tmp, root, final, step, model, tokenizer, optimizer, scheduler, trainer_state)
     except BaseException:
@@ -101,6 +108,64 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, optimizer, sc
     if why is not None:  # read back wrong (a failing disk): keep every older checkpoint
         raise OSError(f"the checkpoint just written does not verify ({why}); older checkpoints are kept")
     prune(root, keep, newest=final)
+    return final
+
+
+def _new_tmp(root: Path, step: int) -> Path:
+    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def _plan(root: Path, final: Path, step: int) -> tuple:
+    """("kept",): this step is saved and verifies; ("write", temporary folder); ("error", why)."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if final.is_dir() and verify(final) is None:
+            return ("kept",)
+        return ("write", str(_new_tmp(root, step)))
+    except OSError as e:
+        return ("error", str(e.strerror or e))
+
+
+def save_sharded_checkpoint(run_dir: Path, step: int, *, write_shards, comm, tokenizer, scheduler,
+                            trainer_state: dict[str, Any], keep: int) -> Path:
+    """Every process calls this. The main process picks the temporary folder (or finds this step saved
+    already) and tells the others; ``write_shards(folder)`` (a collective: every rank writes its part of
+    the model and optimizer state) fills ``shards/`` in it; then the main process writes the rest and
+    finishes as :func:`save_checkpoint` does. ``comm`` has ``is_main``, ``broadcast(obj)`` (the main
+    process's object on every rank) and ``barrier()``. A failure of the main process's part is raised
+    on every rank."""
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step-{step:08d}"
+    plan = comm.broadcast(_plan(root, final, step) if comm.is_main else None)
+    if plan[0] == "error":
+        raise OSError(plan[1])
+    if plan[0] == "kept":
+        log.info("checkpoint %s is already saved and verifies; kept as it is", final)
+        return final
+    tmp = Path(plan[1])
+    try:
+        write_shards(tmp / SHARDS)
+        _kill_point("shards", step)
+        comm.barrier()
+    except BaseException:
+        if comm.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    failure: OSError | None = None
+    if comm.is_main:
+        try:
+            final = save_checkpoint(run_dir, step, model=None, tokenizer=tokenizer, optimizer=None,
+                                    scheduler=scheduler, trainer_state=trainer_state, keep=keep, tmp=tmp)
+        except OSError as e:
+            failure = e
+    told = comm.broadcast(None if failure is None else str(failure.strerror or failure))
+    if failure is not None:
+        raise failure
+    if told is not None:
+        raise OSError(f"the main process could not finish the checkpoint ({told})")
     return final
 
 
@@ -162,12 +227,15 @@ def saved_objective_state(run_dir: Path) -> dict[str, Any] | None:
 
 def _write(tmp: Path, root: Path, final: Path, step: int, model, tokenizer, optimizer, scheduler,
            trainer_state: dict[str, Any]) -> Path:
-    model.save_pretrained(tmp / "model", safe_serialization=True)
+    if model is not None:  # else the model is in the shards
+        model.save_pretrained(tmp / "model", safe_serialization=True)
     if tokenizer is not None:
-        tokenizer.save_pretrained(tmp / "model")
+        tokenizer.save_pretrained(tmp / ("model" if model is not None else "tokenizer"))
     _kill_point("model", step)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": rng_state()}, tmp / "training_state.pt")
+    state = {"scheduler": scheduler.state_dict(), "rng": rng_state()}
+    if optimizer is not None:  # else the optimizer's state is in the shards
+        state["optimizer"] = optimizer.state_dict()
+    torch.save(state, tmp / "training_state.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1, default=str))
     _kill_point("state", step)
     files = sorted(p for p in tmp.rglob("*") if p.is_file())

@@ -150,6 +150,27 @@ class TrainConfig:
         "it such a resume is refused with every difference listed. Changes to logging, saving, evaluation "
         "and diagnostics are always accepted. Accepted changes are recorded in config_changes.jsonl and the "
         "model card.", "run")
+    # -- several processes (docs/distributed.md) -----------------------------------------------------
+    distributed: Literal["auto", "ddp", "fsdp", "deepspeed"] = F(
+        "auto", "How several processes (launched with torchrun, or accelerate launch) share the model. auto: ddp "
+        "when launched with several processes (or the engine an accelerate config asks for: fsdp, deepspeed), "
+        "none with one; ddp: every process holds the whole model and optimizer, gradients are averaged "
+        "(accelerate's DDP); fsdp: FSDP2 (torch fully_shard on every decoder layer and the root) shards "
+        "parameters, gradients and optimizer state over the processes, checkpoints are sharded (every process "
+        "writes its part) and the final model is gathered into one folder; deepspeed: not available yet (refused "
+        "with the alternative). A launch that cannot run the choice is refused with the command to run "
+        "instead; fsdp and deepspeed need several processes.", "distributed")
+    fsdp_reshard_after_forward: bool = F(
+        True, "fsdp: free each layer's gathered parameters after its forward and gather them again for the "
+        "backward (ZeRO-3 memory); false keeps them until the backward (more memory, less communication).",
+        "distributed")
+    fsdp_cpu_offload: bool = F(
+        False, "fsdp: keep the sharded parameters, gradients and optimizer state in CPU memory and step the "
+        "optimizer there (torch's CPUOffloadPolicy): less GPU memory, more transfers.", "distributed")
+    distributed_timeout: int = F(
+        300, "Seconds a process waits at the start for the others to join (a launch without torchrun's own "
+        "rendezvous) before it stops with a message that says which are missing and how to launch them.",
+        "distributed")
     # -- the method's hyperparameters (beta, ada_clip, ...) ------------------------------------------
     hyperparameters: dict[str, Any] = field(default_factory=dict, metadata={"doc": "", "group": "hidden"})
 

@@ -12,7 +12,8 @@ from poise.losses import LOSSES
 from poise.training.config import TrainConfig, _type_text
 
 GROUPS = {"model": "Model", "reference": "Reference", "data": "Data", "method": "Method",
-          "training": "Optimisation", "diagnostics": "Diagnostics", "run": "Run"}
+          "training": "Optimisation", "diagnostics": "Diagnostics", "run": "Run",
+          "distributed": "Several processes"}
 
 
 def trainer_fields() -> list[tuple[str, str, str, str, str]]:

@@ -15,7 +15,7 @@ import logging
 import math
 import signal
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from poise.errors import NonFiniteError, PoiseError
 from poise.training import runfolder
 from poise.training.build import RunState, build_run
-from poise.training.checkpoint import latest_good, load_training_state, save_checkpoint, set_rng_state
+from poise.training.checkpoint import latest_good, load_training_state, set_rng_state
 from poise.training.config import TrainConfig, dump_config
 from poise.training.modelcard import write_model_card
 from poise.training.runlog import MetricAccumulator, RunLogger, peak_memory_mb
@@ -126,16 +126,15 @@ def train_step(run: RunState, idx: list[int]) -> dict[str, float]:
     bad: list[int] = []
     for j, mb in enumerate(micro):
         sync = j == len(micro) - 1
-        with nullcontext() if sync else acc.no_sync(run.module):
+        with run.engine.accumulate(sync):  # gradients are reduced over ranks after the last micro-batch
             loss, m, per_pair = task.loss(run.module, mb, acc.device, state=run.state, num_items=len(idx),
                                          num_tokens=n_tokens)
-            # DDP averages gradients over ranks; our loss is already a share of the global mean.
-            acc.backward(loss * acc.num_processes)
+            run.engine.backward(loss)  # the loss is this rank's share of the global mean
         if per_pair is not None and not torch.isfinite(per_pair.detach()).all():
             bad += [mb[i] for i in (~torch.isfinite(per_pair.detach())).nonzero().flatten().tolist()]
         metrics.add(m, len(mb))
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
-    grad_norm = float(acc.clip_grad_norm_(run.trainable, max_norm))  # the same on every rank
+    grad_norm = run.engine.clip_grad_norm(run.trainable, max_norm)  # the same on every rank
     if not math.isfinite(grad_norm) or _any_rank(acc, bool(bad)):
         run.optimizer.zero_grad(set_to_none=True)
         return {"nonfinite": 1.0, "nonfinite_pairs": bad}
@@ -157,15 +156,13 @@ def _trainer_state(run: RunState, step: int) -> dict[str, Any]:
 
 def _save(run: RunState, step: int) -> None:
     run.accelerator.wait_for_everyone()
-    if run.accelerator.is_main_process:
-        try:
-            save_checkpoint(run.run_dir, step, model=run.unwrapped_model(), tokenizer=run.tokenizer,
-                            optimizer=run.optimizer, scheduler=run.scheduler,
-                            trainer_state=_trainer_state(run, step), keep=run.cfg.save_total_limit)
-        except OSError as e:  # a full disk, a vanished folder: the previous checkpoint is intact
-            raise PoiseError(f"could not write the checkpoint of step {step} in {run.run_dir} ({e.strerror or e}). "
-                             "The previous checkpoint is kept; free space (or choose another output_dir) "
-                             "and resume with resume=true.") from e
+    try:  # every rank: the engine writes its format (the main process alone, or every rank's shards)
+        run.engine.save_checkpoint(run.run_dir, step, tokenizer=run.tokenizer, scheduler=run.scheduler,
+                                   trainer_state=_trainer_state(run, step), keep=run.cfg.save_total_limit)
+    except OSError as e:  # a full disk, a vanished folder: the previous checkpoint is intact
+        raise PoiseError(f"could not write the checkpoint of step {step} in {run.run_dir} ({e.strerror or e}). "
+                         "The previous checkpoint is kept; free space (or choose another output_dir) "
+                         "and resume with resume=true.") from e
     run.accelerator.wait_for_everyone()
 
 
@@ -177,8 +174,7 @@ def _resume(run: RunState) -> int:
     if ckpt is None:
         return 0
     state, tstate = load_training_state(ckpt)
-    run.load_model_weights(ckpt / "model")
-    run.optimizer.load_state_dict(state["optimizer"])
+    run.load_checkpoint(ckpt, state)  # model and optimizer, in the engine's format
     run.scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     saved = tstate.get("objective") or {}

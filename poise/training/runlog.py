@@ -2,11 +2,14 @@
 ``metrics.jsonl`` in the run folder, and to TensorBoard / Weights & Biases when asked for.
 
 Reduction: a metric is a mean over pairs, weighted by each micro-batch's pair count, over all
-micro-batches of the step and all ranks; keys ending in ``_min``/``_max`` reduce by min/max.
+micro-batches of the step and all ranks; keys ending in ``_min``/``_max`` reduce by min/max. The ranks
+reduce the union of their keys (a rank may have seen none: an uneven evaluation split), so that every
+rank makes the same collectives.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -38,35 +41,58 @@ class MetricAccumulator:
         self.maxs: dict[str, float] = {}
 
     def add(self, metrics: dict[str, Any], weight: float) -> None:
+        """A micro-batch's metrics; with weight 0 (no pairs: work done only to keep the ranks in step)
+        its keys are noted and its values ignored, extremes included."""
         for k, v in metrics.items():
             v = float(v)
             if k.endswith(MIN_SUFFIXES):
-                self.mins[k] = min(v, self.mins.get(k, math.inf))
+                self.mins[k] = min(v if weight > 0 else math.inf, self.mins.get(k, math.inf))
             elif k.endswith(MAX_SUFFIXES):
-                self.maxs[k] = max(v, self.maxs.get(k, -math.inf))
+                self.maxs[k] = max(v if weight > 0 else -math.inf, self.maxs.get(k, -math.inf))
             else:
                 self.sums[k] += v * weight
                 self.weights[k] += weight
 
     def reduce(self, accelerator=None) -> dict[str, float]:
-        """The step's metrics over every rank (one all-reduce per kind when distributed)."""
-        keys = sorted(self.sums)
-        mean_keys, min_keys, max_keys = keys, sorted(self.mins), sorted(self.maxs)
+        """The step's metrics over every rank (when distributed: one gather of the keys' fingerprint,
+        the keys themselves only when the ranks' differ, then one all-reduce per kind)."""
+        mean_keys, min_keys, max_keys = sorted(self.sums), sorted(self.mins), sorted(self.maxs)
         if accelerator is not None and accelerator.num_processes > 1:
-            dev = accelerator.device
-            s = torch.tensor([self.sums[k] for k in keys] + [self.weights[k] for k in keys], device=dev,
-                             dtype=torch.float64)
+            mean_keys, min_keys, max_keys = _key_union(accelerator, [mean_keys, min_keys, max_keys])
+            keys, dev = mean_keys, accelerator.device
+            s = torch.tensor([self.sums.get(k, 0.0) for k in keys] + [self.weights.get(k, 0.0) for k in keys],
+                             device=dev, dtype=torch.float64)
             s = accelerator.reduce(s, reduction="sum")
             sums, weights = s[:len(keys)].tolist(), s[len(keys):].tolist()
-            mins = _reduce_extreme(accelerator, [self.mins[k] for k in min_keys], torch.min)
-            maxs = _reduce_extreme(accelerator, [self.maxs[k] for k in max_keys], torch.max)
+            mins = _reduce_extreme(accelerator, [self.mins.get(k, math.inf) for k in min_keys], torch.min)
+            maxs = _reduce_extreme(accelerator, [self.maxs.get(k, -math.inf) for k in max_keys], torch.max)
         else:
-            sums, weights = [self.sums[k] for k in keys], [self.weights[k] for k in keys]
+            sums, weights = [self.sums[k] for k in mean_keys], [self.weights[k] for k in mean_keys]
             mins, maxs = [self.mins[k] for k in min_keys], [self.maxs[k] for k in max_keys]
         out = {k: s / w for k, s, w in zip(mean_keys, sums, weights) if w > 0}
-        out.update(zip(min_keys, mins))
-        out.update(zip(max_keys, maxs))
+        out.update((k, v) for k, v in zip(min_keys, mins) if v != math.inf)  # inf: no rank had a value
+        out.update((k, v) for k, v in zip(max_keys, maxs) if v != -math.inf)
         return out
+
+
+def _key_union(accelerator, groups: list[list[str]]) -> list[list[str]]:
+    """Each group of keys united over the ranks (sorted), so that every rank reduces the same tensors.
+    One gather of (length, digest) of the keys; a second, of the keys' bytes, only when they differ."""
+    text = "\n".join("\t".join(g) for g in groups).encode()
+    digest = int.from_bytes(hashlib.sha256(text).digest()[:7], "big")
+    dev = accelerator.device
+    prints = accelerator.gather(torch.tensor([[len(text), digest]], dtype=torch.int64, device=dev))
+    if bool((prints == prints[0]).all()):
+        return groups
+    width = int(prints[:, 0].max())
+    mine = torch.zeros((1, width), dtype=torch.int64, device=dev)
+    mine[0, :len(text)] = torch.tensor(list(text), dtype=torch.int64, device=dev)
+    everyone = accelerator.gather(mine).cpu()
+    union: list[set[str]] = [set() for _ in groups]
+    for row, n in zip(everyone.tolist(), prints[:, 0].tolist()):
+        for i, part in enumerate(bytes(row[:n]).decode().split("\n")):
+            union[i].update(k for k in part.split("\t") if k)
+    return [sorted(u) for u in union]
 
 
 def _reduce_extreme(accelerator, values: list[float], fn) -> list[float]:

@@ -15,6 +15,7 @@ from poise.errors import ConfigError
 from poise.training.loop import train
 
 
+@pytest.mark.distributed
 def test_two_processes_equal_one(make_cfg, tmp_path):
     single = make_cfg(name="one", method="adadpo", micro_batch_size=4, max_steps=3)
     train(single)
@@ -54,6 +55,7 @@ def test_a_launch_without_synchronisation_is_refused(make_cfg, monkeypatch):
 
 def test_diverged_replicas_are_detected():
     from poise.training.build import RunState
+    from poise.training.engines import AccelerateEngine
 
     class Acc:
         device = torch.device("cpu")
@@ -63,5 +65,6 @@ def test_diverged_replicas_are_detected():
 
     s = RunState.__new__(RunState)
     s.accelerator, s.trainable = Acc(), [torch.nn.Parameter(torch.ones(3))]
+    s.engine = AccelerateEngine(None, s.accelerator)
     with pytest.raises(ConfigError, match="not synchronised"):
         s.check_replicas_agree()

@@ -138,8 +138,9 @@ def test_two_ranks_reduce_to_the_same_weighted_means_and_extremes():
     }
     assert out[0] == approx(expected)
     assert out[1] == approx(expected)  # every rank logs the same numbers
-    # one all-reduce for the sums and weights together, one gather per kind of extreme
-    assert ranks.calls[0] == ranks.calls[1] == [("reduce", "sum"), ("gather", ""), ("gather", "")]
+    # one gather of the keys' fingerprint (the ranks' keys agree: no second one), one all-reduce for the
+    # sums and weights together, one gather per kind of extreme
+    assert ranks.calls[0] == ranks.calls[1] == [("gather", ""), ("reduce", "sum"), ("gather", ""), ("gather", "")]
 
 
 def test_two_ranks_equal_one_process_that_ran_every_micro_batch():
@@ -148,11 +149,11 @@ def test_two_ranks_equal_one_process_that_ran_every_micro_batch():
     assert out[0] == approx(accumulate(*RANK0, *RANK1).reduce())
 
 
-def test_two_ranks_with_only_mean_keys_gather_nothing():
+def test_two_ranks_with_only_mean_keys_gather_no_extremes():
     ranks = Ranks(2)
     out = ranks.reduce_all([accumulate(({"loss": 1.0}, 1)), accumulate(({"loss": 4.0}, 3))])
     assert out[0] == out[1] == approx({"loss": 3.25})  # (1*1 + 4*3) / 4 = 13/4
-    assert ranks.calls[0] == [("reduce", "sum")]
+    assert ranks.calls[0] == [("gather", ""), ("reduce", "sum")]
 
 
 def test_unequal_rank_weights():
@@ -169,3 +170,19 @@ def test_slash_min_and_max_keys_are_extremes_too():
     acc.add({"gate/min": 0.75, "gate/max": 0.9}, 1)
     out = acc.reduce()
     assert out["gate/min"] == 0.25 and out["gate/max"] == 0.9
+
+
+def test_a_rank_without_items_reduces_the_same_keys_as_the_others():
+    """An uneven evaluation split: rank 1 saw no pair (or only zero-weight padding work with other keys).
+    Every rank still makes the same collectives over the union of the keys, and the numbers are those of
+    the pairs seen: a rank without a value adds nothing, extremes included."""
+    ranks = Ranks(2)
+    rank0 = accumulate(({"loss": 1.0, "d_min": 0.5, "d_max": 2.0, "only0": 3.0}, 2))
+    rank1 = accumulate(({"loss": 99.0, "d_min": -9.0, "d_max": 9.0, "pad_only": 5.0, "p_max": 7.0}, 0))
+    out = ranks.reduce_all([rank0, rank1])
+    assert out[0] == out[1] == approx({"loss": 1.0, "d_min": 0.5, "d_max": 2.0, "only0": 3.0})
+    # the keys differ: a second gather (the keys' bytes) before the reductions
+    assert ranks.calls[0] == ranks.calls[1] == [("gather", ""), ("gather", ""), ("reduce", "sum"),
+                                                ("gather", ""), ("gather", "")]
+    empty = ranks.reduce_all([accumulate(({"loss": 2.0, "x_min": 1.0}, 4)), MetricAccumulator()])
+    assert empty[0] == empty[1] == approx({"loss": 2.0, "x_min": 1.0})

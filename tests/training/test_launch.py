@@ -1,0 +1,134 @@
+"""Launch forms (poise/training/launch.py): each runs what was asked or is refused with a message that
+says why and what to run instead; none silently runs something else, none waits without a bound."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from helpers import free_port
+
+from poise.errors import LaunchError
+from poise.training.launch import accelerate_env, check_launch
+from poise.training.loop import train
+
+LAUNCH_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE",
+               "ACCELERATE_USE_CPU", "ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "PMI_SIZE",
+               "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+@pytest.fixture
+def env(monkeypatch):
+    """A clean launch environment; ``env(WORLD_SIZE=2, ...)`` sets variables for one test."""
+    for k in LAUNCH_VARS:
+        monkeypatch.delenv(k, raising=False)
+
+    def set_(**kw):
+        for k, v in kw.items():
+            monkeypatch.setenv(k, str(v))
+    return set_
+
+
+def _refused(cfg, match: str) -> LaunchError:
+    with pytest.raises(LaunchError, match=match) as e:
+        train(cfg)
+    assert not os.path.exists(cfg.output_dir)  # refused before anything was written
+    return e.value
+
+
+def test_world_size_without_a_process_group_is_refused(make_cfg, env):
+    env(WORLD_SIZE=2)
+    err = _refused(make_cfg(), "RANK, MASTER_ADDR, MASTER_PORT are not set")
+    assert "torchrun --nproc_per_node 2 -m poise train" in str(err)
+
+
+def test_accelerate_launch_cpu_with_two_processes_is_refused(make_cfg, tmp_path):
+    """`accelerate launch --cpu --num_processes 2` starts ONE process (accelerate wants mpirun for that):
+    the real command, refused with the torchrun command instead of training one copy alone."""
+    cfg = make_cfg()
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "--main_process_port", str(free_port()), "-m", "poise", "train", str(path)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0
+    assert "started this one alone" in proc.stderr and "torchrun --nproc_per_node" in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.count("started this one alone") == 1  # one process, as accelerate started
+    assert not os.path.exists(cfg.output_dir)
+
+
+@pytest.mark.parametrize("rank, what", [(0, "did not join"), (1, "process 0 never opened the rendezvous")])
+def test_a_lone_rank_stops_after_distributed_timeout(make_cfg, env, rank, what):
+    """The rendezvous variables are set but the other process never comes: a message after
+    distributed_timeout seconds, not a silent wait of accelerate's 30 minutes."""
+    env(WORLD_SIZE=2, RANK=rank, LOCAL_RANK=rank, MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port())
+    t0 = time.monotonic()
+    err = _refused(make_cfg(distributed_timeout=2), what)
+    assert time.monotonic() - t0 < 30
+    assert f"process {rank} of 2 waited 2 s" in str(err) and "torchrun --nproc_per_node 2" in str(err)
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+
+
+def test_a_sharding_engine_with_one_process_is_refused(make_cfg, env):
+    _refused(make_cfg(distributed="fsdp"), "distributed: fsdp shards the model over several processes, but this "
+                                           "launch started one")
+
+
+def test_fsdp_options_without_fsdp_are_refused(make_cfg, env):
+    _refused(make_cfg(fsdp_reshard_after_forward=False), "apply to distributed: fsdp, but this run is none")
+    env(WORLD_SIZE=2, RANK=0, MASTER_ADDR="127.0.0.1", MASTER_PORT=1)
+    with pytest.raises(LaunchError, match="this run trains on the CPU"):
+        check_launch(make_cfg(distributed="fsdp", fsdp_cpu_offload=True, cpu=True))
+
+
+def test_an_accelerate_config_chooses_the_engine_and_a_contradiction_is_refused(make_cfg, env):
+    env(WORLD_SIZE=2, RANK=0, MASTER_ADDR="127.0.0.1", MASTER_PORT=1)
+    assert check_launch(make_cfg()) == "ddp"
+    env(ACCELERATE_USE_FSDP="true")  # `accelerate launch` with an FSDP config
+    assert check_launch(make_cfg()) == "fsdp"  # poise runs FSDP itself: accelerate would drop it on a CPU
+    assert check_launch(make_cfg(distributed="fsdp")) == "fsdp"
+    with pytest.raises(LaunchError, match="asks for fsdp .* but the poise config says distributed: ddp"):
+        check_launch(make_cfg(distributed="ddp"))
+    with accelerate_env("fsdp"):  # the Accelerator is built without accelerate's own FSDP switch
+        assert "ACCELERATE_USE_FSDP" not in os.environ
+    assert os.environ["ACCELERATE_USE_FSDP"] == "true"
+
+
+def test_deepspeed_without_deepspeed_is_refused(make_cfg, env):
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        env(WORLD_SIZE=2, RANK=0, MASTER_ADDR="127.0.0.1", MASTER_PORT=1)
+        with pytest.raises(LaunchError, match=r"pip install 'poise\[deepspeed\]'"):
+            check_launch(make_cfg(distributed="deepspeed"))
+    else:
+        pytest.skip("deepspeed is installed: its engine is tested in test_deepspeed.py")
+
+
+def test_the_commands_of_docs_distributed_md_name_configs_that_validate():
+    """Every `torchrun ... -m poise train CONFIG key=value` in docs/distributed.md: the config exists and
+    validates with its overrides, and the engine it asks for is documented there."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from poise.training.config import load_config
+
+    root = Path(__file__).resolve().parents[2]
+    text = (root / "docs" / "distributed.md").read_text()
+    commands = [line.split("#")[0] for line in text.splitlines() if line.startswith("torchrun ")]
+    assert len(commands) >= 3
+    for cmd in commands:
+        args = shlex.split(cmd)
+        rest = args[args.index("train") + 1:]
+        config, overrides = rest[0], rest[1:]
+        if config.startswith("configs/"):  # a shipped config (else YOUR_CONFIG.yaml)
+            cfg = load_config(root / config, overrides)
+            assert cfg.distributed in ("fsdp", "ddp") and f"`{cfg.distributed}`" in text
+        assert re.fullmatch(r"torchrun --nproc_per_node \d+ -m poise train", " ".join(args[:args.index("train") + 1]))
