@@ -77,7 +77,7 @@ def run_cell(c: Cell, eval_opts: dict[str, Any] | None) -> Path:
     run = Path(c.config["output_dir"])
     if (run / "eval.json").is_file():
         return run
-    cfg = dict(c.config, resume=(run / "checkpoints").is_dir())
+    cfg = dict(c.config, resume=True)  # an empty folder starts at step 0; a killed cell resumes
     train(from_dict(cfg))
     result = {}
     if eval_opts is not None:

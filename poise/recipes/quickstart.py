@@ -97,7 +97,7 @@ def train_and_evaluate(run: Path, settings: dict[str, Any], *, label: str, gold:
     real models, whose checkpoints (weights and optimizer state) take gigabytes."""
     if (run / "eval.json").is_file():
         return run
-    train(from_dict(dict(settings, output_dir=str(run), resume=(run / "checkpoints").is_dir())))
+    train(from_dict(dict(settings, output_dir=str(run), resume=True)))  # a killed run resumes, a new one starts
     result = evaluate_run(run, gold=gold, num_prompts=eval_prompts, max_new_tokens=max_new_tokens, seed=seed)
     result["label"] = label
     (run / "eval.json").write_text(json.dumps(result, indent=1))
