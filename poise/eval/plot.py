@@ -20,6 +20,7 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import LogFormatter  # noqa: E402
 
+from poise import fsutil  # noqa: E402
 from poise.errors import PoiseError  # noqa: E402
 from poise.eval.report import CHOSEN_KEYS, OTHERS_KEYS, RATIO_KEY, REJECTED_KEYS, Run, fmt, load_runs  # noqa: E402
 
@@ -238,8 +239,15 @@ PANELS: list[tuple[str, Draw]] = [
 
 
 def _save(fig, path: Path, tight: bool = True) -> Path:
-    fig.savefig(path, dpi=DPI, bbox_inches="tight" if tight else None)
-    plt.close(fig)
+    path = Path(path)
+    try:  # a temporary file renamed over the plot: a kill never leaves half a PNG
+        with fsutil.atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=DPI, bbox_inches="tight" if tight else None, format=path.suffix.lstrip(".") or None)
+    except OSError as e:
+        raise fsutil.write_error("the plot", path, e, kept="The previous plot (if any) is kept.",
+                                 then="run `poise plot` again (or pass another output folder)") from e
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from poise import fsutil
 from poise.errors import PoiseError
 
 #: The source of each log-prob curve, best first: the fixed probe set, else the training batches.
@@ -394,6 +395,10 @@ def report_main(run_dirs: list[str], out: str | None, baseline: str = "dpo") -> 
         raise PoiseError("poise report: give at least one run folder.")
     text = build_report(load_runs(run_dirs), baseline)
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text)
+        try:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            fsutil.atomic_write_text(out, text)
+        except OSError as e:
+            raise fsutil.write_error("the report", out, e, kept="The previous report (if any) is kept.",
+                                     then="run `poise report` again (or pass another --out)") from e
     return text

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from poise import fsutil
 from poise.data import TokenizedPair, collate_sequences, load_rows, tokenize_rows
 from poise.errors import ConfigError
 from poise.model.generate import generate_ids
@@ -119,7 +120,7 @@ def evaluate_run(run_dir: str | Path, *, eval_file: str | None = None, num_promp
         result["margin"] = pref["eval/rewards/margins"]
     result.update(_generation_metrics(run_dir, cfg, policy, reference, tokenizer, data.pairs, rows,
                                       num_prompts=num_prompts, max_new_tokens=max_new_tokens, gold=gold, seed=seed))
-    (run_dir / "eval.json").write_text(json.dumps(result, indent=1))
+    _write(run_dir / "eval.json", json.dumps(result, indent=1))
     return result
 
 
@@ -137,10 +138,11 @@ def _generation_metrics(run_dir, cfg, policy, reference, tokenizer, pairs, rows,
     kl = (completion_logps(policy, prompts, sampled, pad, eos) - completion_logps(reference, prompts, sampled, pad, eos))
     out_pol = [tokenizer.decode(c, skip_special_tokens=True) for c in greedy_pol]
     out_ref = [tokenizer.decode(c, skip_special_tokens=True) for c in greedy_ref]
-    with open(run_dir / "generations.jsonl", "w") as f:
-        for t, a, b in zip(texts, out_pol, out_ref):
-            f.write(json.dumps({"instruction": t, "output": a, "generator": cfg.method}) + "\n")
-            f.write(json.dumps({"instruction": t, "output": b, "generator": "reference"}) + "\n")
+    lines = []
+    for t, a, b in zip(texts, out_pol, out_ref):
+        lines.append(json.dumps({"instruction": t, "output": a, "generator": cfg.method}) + "\n")
+        lines.append(json.dumps({"instruction": t, "output": b, "generator": "reference"}) + "\n")
+    _write(run_dir / "generations.jsonl", "".join(lines))
     res: dict[str, Any] = {"kl_to_reference": kl.mean().item(),
                            "mean_length_tokens": sum(map(len, greedy_pol)) / max(1, len(greedy_pol))}
     if gold:
@@ -171,3 +173,12 @@ def _gold(name: str) -> tuple[Callable, Callable]:
         return instruct.score, instruct.win_rate
     raise ConfigError(f"unknown gold reward {name!r}; the built-in ones are 'testbed' (the testbed's prompts) "
                       "and 'instruct' (the testbed asked in plain English, poise.testbed.instruct).")
+
+
+def _write(path: Path, text: str) -> None:
+    """Write an evaluation output atomically; a failure to write is a PoiseError naming the file."""
+    try:
+        fsutil.atomic_write_text(path, text)
+    except OSError as e:
+        raise fsutil.write_error("the evaluation output", path, e, kept="The previous file (if any) is kept.",
+                                 then="run `poise eval` again") from e

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from poise import fsutil
 from poise.data import TokenizedPair
 from poise.model.logprobs import batch_logps
 from poise.model.shared_prefix import collate_layout
@@ -97,8 +98,13 @@ def cached_reference_sums(model, pairs: Sequence[TokenizedPair], *, cache_dir: s
                                   chunk_size=chunk_size, device=device, disable_adapters=disable_adapters,
                                   layout=layout)
     if write:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({"sums": sums.contiguous()}, str(tmp))
-        os.replace(tmp, path)
+        try:  # a temporary file renamed over the cache file: a reader never sees half of one
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with fsutil.atomic_path(path) as tmp:
+                save_file({"sums": sums.contiguous()}, str(tmp))
+        except Exception as e:
+            if not fsutil.is_write_failure(e):
+                raise
+            raise fsutil.write_error("the reference cache file", path, e,
+                                     then="run again (or set cache_dir to another folder)") from e
     return sums, path, False

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from poise import fsutil
 from poise.data import sft_sequences
 from poise.diagnostics.imbalance import Probe
 from poise.errors import ConfigError
@@ -170,10 +171,29 @@ class RunState:
             if model is not None:
                 if hasattr(model, "merge_and_unload"):
                     model = model.merge_and_unload()
-                model.save_pretrained(out, safe_serialization=True)
-                self.tokenizer.save_pretrained(out)
+                write_final_model(out, model, self.tokenizer)
         self.accelerator.wait_for_everyone()
         return out
+
+
+def write_final_model(out: Path, model, tokenizer) -> None:
+    """Write ``out`` (the final model folder) atomically: into a temporary sibling folder, flushed, then
+    renamed over ``out`` (an old ``out`` is removed only after the rename). A failure to write (a full
+    disk, a read-only folder, torch's or safetensors' writer failing) is a PoiseError that keeps the old
+    folder and the checkpoints, and leaves no temporary folder."""
+    from poise.training.checkpoint import _kill_point
+
+    fsutil.remove_stale(out.parent, out.name)  # what a run killed while saving its final model left
+    try:
+        with fsutil.atomic_folder(out, before_rename=lambda: _kill_point("final_model", 0)) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+    except Exception as e:
+        if not fsutil.is_write_failure(e):
+            raise
+        raise fsutil.write_error("the final model", out, e,
+                                 kept="The checkpoints (and any previous model there) are kept.",
+                                 then="resume with resume=true: the run ends by saving the model again") from e
 
 
 def make_accelerator(cfg: TrainConfig):

@@ -34,7 +34,8 @@ MANIFEST = "manifest.json"
 SHARDS = "shards"
 #: Test hook: ``POISE_TEST_KILL_AT=<phase>:<step>`` SIGKILLs the process at that phase of writing that
 #: step's checkpoint (phases: shards, model, state, manifest, rename), to test that a kill at any moment
-#: leaves a resumable run; ``<phase>:<step>:<rank>`` kills only that rank. Unset in normal use.
+#: leaves a resumable run; ``<phase>:<step>:<rank>`` kills only that rank; ``final_model:0`` kills the
+#: process while it saves the final model (written, flushed, not yet renamed). Unset in normal use.
 KILL_ENV = "POISE_TEST_KILL_AT"
 
 

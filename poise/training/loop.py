@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from poise import fsutil
 from poise.errors import NonFiniteError, PoiseError
 from poise.training import runfolder
 from poise.training.build import RunState, build_run
@@ -159,8 +160,10 @@ def _save(run: RunState, step: int) -> None:
     try:  # every rank: the engine writes its format (the main process alone, or every rank's shards)
         run.engine.save_checkpoint(run.run_dir, step, tokenizer=run.tokenizer, scheduler=run.scheduler,
                                    trainer_state=_trainer_state(run, step), keep=run.cfg.save_total_limit)
-    except OSError as e:  # a full disk, a vanished folder: the previous checkpoint is intact
-        raise PoiseError(f"could not write the checkpoint of step {step} in {run.run_dir} ({e.strerror or e}). "
+    except Exception as e:  # a full disk, a vanished folder: the previous checkpoint is intact
+        if not fsutil.is_write_failure(e):  # OSError, or torch's/safetensors' writer failing
+            raise
+        raise PoiseError(f"could not write the checkpoint of step {step} in {run.run_dir} ({fsutil.cause(e)}). "
                          "The previous checkpoint is kept; free space (or choose another output_dir) "
                          "and resume with resume=true.") from e
     run.accelerator.wait_for_everyone()
@@ -292,7 +295,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
         if folder is not None:
             runfolder.record_changes(folder, start)
         # the resolved config: what calibration decided included
-        (run.run_dir / "config.yaml").write_text(dump_config(run.resolved_config()))
+        fsutil.atomic_write_text(run.run_dir / "config.yaml", dump_config(run.resolved_config()))
     logger = RunLogger(run.run_dir, cfg.report_to, cfg.to_dict(), main=run.accelerator.is_main_process,
                        resume=start > 0)
     if start == 0:

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from poise import fsutil
 from poise.errors import ConfigError
 from poise.training.config import TrainConfig, dump_config
 from poise.training.runfolder import read_changes
@@ -189,7 +190,7 @@ def write_model_card(run_dir: str | Path, cfg: TrainConfig, metrics: dict[str, A
                       load_from=repo_id or str(model_dir.resolve()), calibrated=calibrated,
                       changes=read_changes(run_dir))
     path = model_dir / "README.md"
-    path.write_text(text)
+    fsutil.atomic_write_text(path, text)
     return path
 
 
