@@ -257,8 +257,56 @@ def main(argv: Sequence[str] | None = None) -> int:
             _end_progress_bars()
             print(f"poise: error: {e}", file=sys.stderr)
             return 2
+        except Exception as e:  # a bug in poise: one line saying so and where the log is, then the traceback
+            if args.debug:
+                raise
+            return _internal_error(e, args)
     except KeyboardInterrupt:  # Ctrl-C (or SIGTERM during a run) at any moment: one line, no traceback
         return _interrupted(argv)
+
+
+def _internal_error(e: Exception, args: argparse.Namespace) -> int:
+    """Exit 1 for an exception that is not a PoiseError: first one line (a bug in poise, and the log file
+    holding the full traceback), then the traceback. The log goes into the run folder of the command
+    when there is one, else into the temporary folder."""
+    import time
+    import traceback
+
+    _end_progress_bars()
+    text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+    name = f"poise-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    log_path = None
+    for folder in _error_log_folders(args):
+        try:
+            path = Path(folder) / name
+            with open(path, "w") as f:
+                f.write(f"poise {' '.join(sys.argv[1:])}\n{text}")
+            log_path = path
+            break
+        except OSError:
+            continue
+    where = f"The full traceback is in {log_path}" if log_path else "The full traceback follows"
+    message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    print(f"poise: internal error (a bug in poise, not in your input): {type(e).__name__}: {message}. "
+          f"{where}; please report it.", file=sys.stderr)
+    print(text, end="", file=sys.stderr)
+    return 1
+
+
+def _error_log_folders(args: argparse.Namespace) -> list[str]:
+    """Where the log of an internal error may go, best first: the run folder that this command opened
+    (or was given), then the temporary folder."""
+    import tempfile
+
+    folders = []
+    run = sys.modules.get("poise.training.runfolder")
+    last = getattr(run, "_LAST", None) if run is not None else None
+    if last:
+        folders.append(str(last[0].run_dir))
+    if isinstance(getattr(args, "run", None), str):
+        folders.append(args.run)
+    folders = [f for f in folders if os.path.isdir(f)]
+    return [*folders, tempfile.gettempdir()]
 
 
 def _end_progress_bars() -> None:

@@ -72,3 +72,47 @@ def test_real_command_line_has_no_traceback_unless_debug(tmp_path, model_dir):
     assert out.returncode == 2 and "Traceback" not in out.stderr and "line 2" in out.stderr
     out = run("--debug", "train", path)
     assert out.returncode != 0 and "Traceback" in out.stderr
+
+
+def _broken(args):
+    raise ValueError("something poise did not expect\nsecond line")
+
+
+def test_an_internal_error_says_it_is_a_bug_and_where_the_log_is(tmp_path, monkeypatch, capsys):
+    import tempfile
+
+    import poise.cli as cli
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setitem(cli.COMMANDS, "ls", (_broken, *cli.COMMANDS["ls"][1:]))
+    monkeypatch.setitem(sys.modules, "poise.training.runfolder", None)  # no run folder opened by this command
+    assert cli.main(["ls"]) == 1
+    err = capsys.readouterr().err
+    first = err.splitlines()[0]
+    logs = list(tmp_path.glob("poise-error-*.log"))
+    assert len(logs) == 1
+    assert first == ("poise: internal error (a bug in poise, not in your input): ValueError: something poise did "
+                     f"not expect. The full traceback is in {logs[0]}; please report it.")
+    text = logs[0].read_text()
+    assert "Traceback (most recent call last)" in text and "_broken" in text and "second line" in text
+    assert "Traceback (most recent call last)" in err  # still shown, after the line
+    with pytest.raises(ValueError, match="something poise did not expect"):
+        cli.main(["--debug", "ls"])
+
+
+def test_an_internal_error_in_a_run_goes_to_the_run_folder(tmp_path, monkeypatch, capsys):
+    import poise.cli as cli
+    import poise.training.runfolder as runfolder
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+
+    def broken(args):
+        runfolder.begin(run_dir)
+        raise KeyError("missing")
+
+    monkeypatch.setitem(cli.COMMANDS, "ls", (broken, *cli.COMMANDS["ls"][1:]))
+    assert cli.main(["ls"]) == 1
+    logs = list(run_dir.glob("poise-error-*.log"))
+    assert len(logs) == 1 and "KeyError: 'missing'" in logs[0].read_text()
+    assert capsys.readouterr().err.splitlines()[0].endswith(f"The full traceback is in {logs[0]}; please report it.")
