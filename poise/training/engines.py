@@ -289,7 +289,4 @@ def make_engine(cfg, accelerator, name: str) -> Engine:
     """The engine ``name`` (from :func:`poise.training.launch.check_launch`) over ``accelerator``'s processes."""
     if name == "fsdp":
         return FSDPEngine(cfg, accelerator)
-    if name == "deepspeed":
-        raise ConfigError("distributed: deepspeed is not available in this version of poise; use distributed: "
-                          "fsdp (FSDP2: parameters, gradients and optimizer state sharded, like ZeRO-3).")
     return AccelerateEngine(cfg, accelerator, name)

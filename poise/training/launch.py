@@ -16,7 +16,9 @@ instead; none silently runs something else:
 * An accelerate config that asks for FSDP or DeepSpeed (``ACCELERATE_USE_FSDP``/``_DEEPSPEED``): with
   ``distributed: auto`` poise runs that engine itself (accelerate would drop the plugin on a CPU and
   run DDP); a different explicit ``distributed:`` is a contradiction and refused.
-* ``distributed: fsdp``/``deepspeed`` with one process: refused (nothing to shard over).
+* ``distributed: fsdp`` with one process: refused (nothing to shard over).
+* ``distributed: deepspeed`` (or an accelerate DeepSpeed config): not available yet, refused with the
+  engines that are.
 """
 
 from __future__ import annotations
@@ -81,12 +83,17 @@ def check_launch(cfg) -> str:
             f"but the poise config says distributed: {asked}. Choose one: set distributed: {launcher} (or auto), or "
             "launch without that accelerate config (poise runs the engine itself; `torchrun` needs none).")
     engine = asked if asked != "auto" else (launcher or ("ddp" if world > 1 else "none"))
-    if engine in ("fsdp", "deepspeed") and world == 1:
+    if engine == "fsdp" and world == 1:
         raise LaunchError(
             f"distributed: {engine} shards the model over several processes, but this launch started one. "
             f"Launch several with {_torchrun()}, or set distributed: auto to train in one process.")
     if engine == "deepspeed":
-        _check_deepspeed()
+        raise LaunchError(
+            "distributed: deepspeed is not available in this version of poise"
+            + (" (the accelerate config of this launch asks for it)" if launcher == "deepspeed" else "")
+            + ": nothing would run as asked. distributed: fsdp (FSDP2, in PyTorch itself) shards parameters, "
+            "gradients and optimizer state over the processes as ZeRO-3 does (docs/distributed.md); "
+            "distributed: ddp replicates them.")
     _check_engine_options(cfg, engine)
     if cfg.distributed_timeout < 1:
         raise LaunchError(f"distributed_timeout must be at least 1 second, got {cfg.distributed_timeout}.")
@@ -128,15 +135,6 @@ def _check_engine_options(cfg, engine: str) -> None:
     if engine == "fsdp" and cfg.fsdp_cpu_offload and (cfg.cpu or not torch.cuda.is_available()):
         raise LaunchError("fsdp_cpu_offload: true moves the shards from GPU memory to CPU memory, but this run "
                           "trains on the CPU, where they are already: set fsdp_cpu_offload: false.")
-
-
-def _check_deepspeed() -> None:
-    try:
-        import deepspeed  # noqa: F401
-    except ImportError:
-        raise LaunchError("distributed: deepspeed needs DeepSpeed: `pip install 'poise[deepspeed]'` (on a CPU "
-                          "machine with DS_BUILD_OPS=0 and DS_ACCELERATOR=cpu), or choose distributed: fsdp "
-                          "(ZeRO-3's sharding, in PyTorch itself).") from None
 
 
 def backend(cfg) -> str:

@@ -100,15 +100,15 @@ def test_an_accelerate_config_chooses_the_engine_and_a_contradiction_is_refused(
     assert os.environ["ACCELERATE_USE_FSDP"] == "true"
 
 
-def test_deepspeed_without_deepspeed_is_refused(make_cfg, env):
-    try:
-        import deepspeed  # noqa: F401
-    except ImportError:
-        env(WORLD_SIZE=2, RANK=0, MASTER_ADDR="127.0.0.1", MASTER_PORT=1)
-        with pytest.raises(LaunchError, match=r"pip install 'poise\[deepspeed\]'"):
-            check_launch(make_cfg(distributed="deepspeed"))
-    else:
-        pytest.skip("deepspeed is installed: its engine is tested in test_deepspeed.py")
+def test_deepspeed_is_refused_with_the_engines_there_are(make_cfg, env):
+    """Not available yet: refused, also when an accelerate DeepSpeed config asks for it (accelerate itself
+    would drop the plugin on a CPU and run DDP)."""
+    env(WORLD_SIZE=2, RANK=0, MASTER_ADDR="127.0.0.1", MASTER_PORT=1)
+    with pytest.raises(LaunchError, match="deepspeed is not available.*distributed: fsdp"):
+        check_launch(make_cfg(distributed="deepspeed"))
+    env(ACCELERATE_USE_DEEPSPEED="true")
+    with pytest.raises(LaunchError, match="accelerate config of this launch asks for it"):
+        check_launch(make_cfg())
 
 
 def test_the_commands_of_docs_distributed_md_name_configs_that_validate():
