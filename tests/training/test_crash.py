@@ -93,6 +93,22 @@ def test_kill_while_checkpointing_resumes_exactly(reference, tmp_path, moment):
     kill_and_resume(reference, tmp_path, moment)
 
 
+def test_kill_while_saving_the_final_model_leaves_no_model_and_resumes_exactly(reference, tmp_path):
+    """SIGKILL after the final model is written and flushed, before its rename: no ``model/`` (nothing
+    half written where from_pretrained looks), only a temporary folder; ``resume=true`` saves it again,
+    removes the temporary folder and ends with the uninterrupted run's weights."""
+    make_cfg, expect, _ = reference
+    path, run_dir = write_cfg(make_cfg, tmp_path, "killed-final")
+    out = run(path, env={KILL_ENV: "final_model:0"})
+    assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
+    assert not (run_dir / "model").exists()
+    assert [p.name.split("-")[0] for p in run_dir.glob(".model.tmp-*")] == [".model.tmp"]
+    out = run(path, "resume=true")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert_same(expect, weights(run_dir))
+    assert list(run_dir.glob(".model.*")) == []
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("moment", ["model:1", "state:1", "rename:1", "model:2", "state:2", "rename:2", "model:3",
                                     "rename:4",
