@@ -138,7 +138,7 @@ def test_a_reference_cache_that_cannot_be_written_is_a_clean_stop(make_cfg, tmp_
     assert [p.name for p in cache.iterdir()] == []
 
 
-def test_report_and_plot_writes_are_atomic_and_a_failure_is_named(tmp_path, monkeypatch):
+def test_the_report_write_is_atomic_and_a_failure_is_named(tmp_path, monkeypatch):
     from poise.eval import report
 
     monkeypatch.setattr(report, "build_report", lambda runs, baseline: "# report\n")
