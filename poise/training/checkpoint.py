@@ -155,14 +155,14 @@ def save_sharded_checkpoint(run_dir: Path, step: int, *, write_shards, comm, tok
         if comm.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    failure: OSError | None = None
+    failure: Exception | None = None
     if comm.is_main:
         try:
             final = save_checkpoint(run_dir, step, model=None, tokenizer=tokenizer, optimizer=None,
                                     scheduler=scheduler, trainer_state=trainer_state, keep=keep, tmp=tmp)
-        except OSError as e:
+        except Exception as e:  # every rank must hear of it, else the others wait here for ever
             failure = e
-    told = comm.broadcast(None if failure is None else str(failure.strerror or failure))
+    told = comm.broadcast(None if failure is None else str(getattr(failure, "strerror", None) or failure))
     if failure is not None:
         raise failure
     if told is not None:

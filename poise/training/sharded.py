@@ -16,12 +16,15 @@ from typing import Any
 
 import torch
 from torch.distributed import checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_state_dict,
 )
+
+from poise.errors import PoiseError
 
 #: (module, names) the metadata of a DCP checkpoint may reference; ``"*"``: every class the module
 #: defines (DCP's metadata dataclasses and enums).
@@ -62,10 +65,22 @@ class SafeReader(dcp.FileSystemReader):
         return metadata
 
 
+def _reason(e: BaseException) -> str:
+    """The first rank's error inside DCP's CheckpointException (a BaseException), in one line."""
+    for rank, failure in sorted((getattr(e, "failures", None) or {}).items()):
+        exc = failure[0] if isinstance(failure, tuple) else failure
+        return f"rank {rank}: {str(exc).splitlines()[-1] if str(exc) else type(exc).__name__}"
+    return str(e).splitlines()[0]
+
+
 def save(module, optimizer, folder: Path) -> None:
-    """Every rank writes its part of ``module``'s and ``optimizer``'s state into ``folder`` (collective)."""
+    """Every rank writes its part of ``module``'s and ``optimizer``'s state into ``folder`` (collective).
+    A failure on any rank is an OSError on every rank (DCP gathers the failures)."""
     msd, osd = get_state_dict(module, optimizer)
-    dcp.save({"model": msd, "optimizer": osd}, storage_writer=dcp.FileSystemWriter(str(folder)))
+    try:
+        dcp.save({"model": msd, "optimizer": osd}, storage_writer=dcp.FileSystemWriter(str(folder)))
+    except CheckpointException as e:
+        raise OSError(f"writing the shards failed ({_reason(e)})") from None
 
 
 def load(module, optimizer, folder: Path) -> None:
@@ -73,7 +88,12 @@ def load(module, optimizer, folder: Path) -> None:
     the number of processes that wrote it (collective when distributed)."""
     msd, osd = get_state_dict(module, optimizer)
     state = {"model": msd, "optimizer": osd}
-    dcp.load(state, storage_reader=SafeReader(str(folder)))
+    try:
+        dcp.load(state, storage_reader=SafeReader(str(folder)))
+    except CheckpointException as e:
+        raise PoiseError(f"the shards in {folder} cannot be read into this run ({_reason(e)}): a checkpoint of "
+                         "another model, or damaged after its checksums were taken. Resume with the run's own "
+                         "config, or start a new run in another output_dir.") from None
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
