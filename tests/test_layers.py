@@ -13,7 +13,7 @@ PKG = Path(poise.__file__).parent
 
 #: Lowest first. A module may import its own layer and the layers below it, never one above.
 LAYERS = [
-    ("bottom", ["poise.types", "poise.ops", "poise.params", "poise.errors", "poise.seq"]),
+    ("bottom", ["poise.types", "poise.ops", "poise.params", "poise.errors", "poise.seq", "poise.fsutil"]),
     ("losses", ["poise.losses"]),
     ("balance", ["poise.balance"]),
     ("objective", ["poise.compose", "poise.presets", "poise.methodsdoc"]),
@@ -39,6 +39,9 @@ def _modules() -> dict[str, Path]:
     return out
 
 
+MODULES = set(_modules())
+
+
 def _layer(module: str) -> int:
     best, rank = -1, None
     for i, (_, prefixes) in enumerate(LAYERS):
@@ -55,11 +58,14 @@ def _target(node: ast.AST, module: str, is_pkg: bool) -> set[str]:
     if isinstance(node, ast.Import):
         return {a.name for a in node.names}
     if isinstance(node, ast.ImportFrom):
-        if not node.level:
-            return {node.module or ""}
-        base = module.split(".") if is_pkg else module.split(".")[:-1]
-        base = base[:len(base) - (node.level - 1)]
-        return {".".join(base + ([node.module] if node.module else []))}
+        if node.level:
+            base = module.split(".") if is_pkg else module.split(".")[:-1]
+            base = base[:len(base) - (node.level - 1)]
+            name = ".".join(base + ([node.module] if node.module else []))
+        else:
+            name = node.module or ""
+        # `from poise import fsutil` imports the module poise.fsutil, not the package's face
+        return {f"{name}.{a.name}" if f"{name}.{a.name}" in MODULES else name for a in node.names}
     if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "import_module" and node.args:
         return {str(getattr(node.args[0], "value", ""))}
     if isinstance(node, ast.Dict):
