@@ -58,7 +58,9 @@ RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "model", "checkpoints", CHANGES_N
 #: Config keys whose change does not alter the training trajectory: accepted on resume (and recorded).
 NOT_TRAJECTORY = frozenset({
     "logging_steps", "save_steps", "save_total_limit", "eval_steps", "eval_file", "report_to", "diagnostics",
-    "diagnostics_steps", "probe_pairs", "probe_file", "on_nonfinite", "cache_dir"})
+    "diagnostics_steps", "probe_pairs", "probe_file", "on_nonfinite", "cache_dir",
+    # how the processes are run, not what they compute (the engines agree to float rounding; tests)
+    "distributed_timeout", "fsdp_reshard_after_forward", "fsdp_cpu_offload"})
 #: Keys never compared: the folder itself, the resume switch, the opt-in.
 NOT_COMPARED = frozenset({"output_dir", "resume", "allow_config_change"})
 #: The run's length: it alters the trajectory only through the learning-rate schedule (warmup and decay

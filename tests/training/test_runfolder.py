@@ -245,6 +245,7 @@ NOT_TRAJECTORY = [
     ("logging_steps", 5), ("save_steps", 50), ("save_total_limit", 5), ("report_to", ["tensorboard"]),
     ("eval_file", "eval.jsonl"), ("eval_steps", 10), ("diagnostics", False), ("diagnostics_steps", 3),
     ("probe_pairs", 4), ("probe_file", "probe.jsonl"), ("on_nonfinite", "skip"), ("cache_dir", "/elsewhere"),
+    ("distributed_timeout", 60),
     ("max_steps", 10),  # the schedule is constant without warmup: a longer run is the same run, continued
 ]
 
