@@ -1,21 +1,21 @@
 """poise: preference optimization with balanced gradients.
 
-Only re-exports. The maths (``Objective``, the loss and balancer tables) loads at once; ``train`` and
-``evaluate`` load the trainer (transformers, accelerate) on first use, so that ``import poise.losses``
-stays a torch-only import.
+Only re-exports, each loaded on first use: ``import poise`` itself loads nothing heavy (so the
+command line can answer Ctrl-C with one line even while torch is still loading), and
+``import poise.losses`` stays a torch-only import. ``train`` and ``evaluate`` load the trainer.
 """
-
-from poise.compose import Objective, objective
-from poise.errors import ConfigError, DataError, PoiseError
-from poise.presets import PRESETS
-from poise.types import ObjectiveOutput, PairLogps
 
 __version__ = "0.1.0"
 
 __all__ = ["ConfigError", "DataError", "Objective", "ObjectiveOutput", "PRESETS", "PairLogps",
            "PoiseError", "evaluate", "objective", "train", "__version__"]
 
-_LAZY = {"train": "poise.api", "evaluate": "poise.api"}
+_LAZY = {
+    "ConfigError": "poise.errors", "DataError": "poise.errors", "PoiseError": "poise.errors",
+    "Objective": "poise.compose", "objective": "poise.compose", "PRESETS": "poise.presets",
+    "ObjectiveOutput": "poise.types", "PairLogps": "poise.types",
+    "train": "poise.api", "evaluate": "poise.api",
+}
 
 
 def __getattr__(name: str):
@@ -24,3 +24,7 @@ def __getattr__(name: str):
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'poise' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

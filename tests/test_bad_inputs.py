@@ -59,6 +59,7 @@ DATA_CASES = [
 
 CONFIG_CASES = [
     ("unknown key", "betta: 0.1\n", ["betta", "beta"]),
+    ("unknown engine", "distributed: zero3\n", ["distributed", "fsdp", "deepspeed"]),
     ("trainer typo", "learning_rat: 1.0e-6\n", ["learning_rat", "learning_rate"]),
     ("wrong type", "batch_size: eight\n", ["batch_size"]),
     ("bool for a float", "beta: true\n", ["beta"]),

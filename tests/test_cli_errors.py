@@ -116,3 +116,15 @@ def test_an_internal_error_in_a_run_goes_to_the_run_folder(tmp_path, monkeypatch
     logs = list(run_dir.glob("poise-error-*.log"))
     assert len(logs) == 1 and "KeyError: 'missing'" in logs[0].read_text()
     assert capsys.readouterr().err.splitlines()[0].endswith(f"The full traceback is in {logs[0]}; please report it.")
+
+
+def test_the_command_line_loads_torch_only_inside_main():
+    """`import poise.cli` (what the console script does before calling main) loads neither torch nor the
+    trainer: every heavy import happens inside main(), whose handler turns a Ctrl-C at any moment of
+    loading into exit 130 and one line instead of a KeyboardInterrupt traceback."""
+    import subprocess
+    import sys
+
+    code = "import sys, poise, poise.cli; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
