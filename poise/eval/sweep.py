@@ -24,11 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from tqdm.auto import tqdm
 
 from poise.errors import ConfigError
-from poise.training.config import from_dict
+from poise.training.config import from_dict, parse_yaml
 
 SWEEP_KEYS = {"output_dir", "base", "methods", "grid", "eval"}
 
@@ -49,9 +48,12 @@ def load_sweep(path: str | Path) -> tuple[dict[str, Any], list[Cell]]:
     """Read and validate a sweep file; every run's config is validated before anything trains."""
     path = Path(path)
     try:
-        spec = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: cannot read the sweep file ({e}).") from None
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the sweep file ({e.strerror or e}).") from None
+    spec = parse_yaml(text, str(path)) or {}  # duplicate keys and tabs refused with the line, as configs
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{path}: a sweep file is a mapping with the keys {sorted(SWEEP_KEYS)}.")
     unknown = set(spec) - SWEEP_KEYS
     if unknown or not spec.get("methods"):
         raise ConfigError(f"{path}: a sweep has the keys {sorted(SWEEP_KEYS)} (methods required); "

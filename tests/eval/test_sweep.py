@@ -54,3 +54,16 @@ def test_bad_sweeps_fail_before_training(tmp_path):
     p.write_text(yaml.safe_dump({"method": {"x": {}}}))
     with pytest.raises(ConfigError, match="unknown"):
         load_sweep(p)
+
+
+def test_a_sweep_file_with_a_duplicate_key_is_refused_with_the_line(tmp_path):
+    """Sweep files go through the config loader: a key given twice is an error naming the line, not a
+    silent last-one-wins."""
+    from poise.errors import ConfigError
+    from poise.eval.sweep import load_sweep
+
+    path = tmp_path / "s.yaml"
+    path.write_text("methods:\n  dpo: {method: dpo}\nbase: {model: m}\nbase: {model: n}\n")
+    with pytest.raises(ConfigError, match=r"s\.yaml.*base") as e:
+        load_sweep(path)
+    assert "line" in str(e.value)
