@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from poise.fsutil import fsync_dir
+
 log = logging.getLogger("poise")
 MANIFEST = "manifest.json"
 #: The folder of a sharded checkpoint that holds every rank's part (torch.distributed.checkpoint).
@@ -75,17 +77,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def _tuples(x: Any) -> Any:
     return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, optimizer, scheduler,
@@ -253,7 +244,7 @@ def _write(tmp: Path, root: Path, final: Path, step: int, model, tokenizer, opti
         old = root / f".old-{final.name}-{os.getpid()}"
         os.replace(final, old)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     _kill_point("rename", step)
