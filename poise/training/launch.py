@@ -178,6 +178,15 @@ def _destroy() -> None:
 
     if dist.is_available() and dist.is_initialized():
         try:
+            # every rank reaches the end before any closes its connections: a rank whose peer has already
+            # gone can abort in gloo's teardown ("terminate called without an active exception")
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=timedelta(seconds=60))
+            else:
+                dist.barrier()
+        except Exception as e:  # noqa: BLE001 - a peer that is gone: close anyway
+            log.debug("barrier at exit: %s", e)
+        try:
             dist.destroy_process_group()
         except Exception as e:  # noqa: BLE001 - at exit, a failure to close is only reported
             log.debug("destroy_process_group at exit: %s", e)
