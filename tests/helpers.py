@@ -232,3 +232,13 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def save_tiny_model(folder):
+    """A tiny Llama (1 layer, width 16) and its tokenizer saved into ``folder``; returns the folder."""
+    from poise.model.tiny import build_tiny_model, build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    build_tiny_model(tok, hidden_size=16, num_layers=1).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

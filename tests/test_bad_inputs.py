@@ -8,6 +8,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from helpers import save_tiny_model
 
 from poise.cli import main
 from poise.model.tiny import build_tiny_model, build_tiny_tokenizer
@@ -15,11 +16,7 @@ from poise.model.tiny import build_tiny_model, build_tiny_tokenizer
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("model")
-    tok = build_tiny_tokenizer()
-    build_tiny_model(tok, hidden_size=16, num_layers=1).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return save_tiny_model(tmp_path_factory.mktemp("model"))
 
 
 def row(**kw):

@@ -5,6 +5,7 @@ import sys
 import time
 
 import pytest
+from helpers import save_tiny_model
 
 from poise.errors import ConfigError
 from poise.model import load as load_mod
@@ -68,11 +69,7 @@ def test_gguf_smollm2_loads_and_generates():
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    d = tmp_path_factory.mktemp("saved")
-    tok = build_tiny_tokenizer()
-    build_tiny_model(tok, hidden_size=16, num_layers=1).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return save_tiny_model(tmp_path_factory.mktemp("saved"))
 
 
 @pytest.mark.parametrize("name", ["./no-model", "../no-model", "~/no-such-model-here", "runs/x/model",

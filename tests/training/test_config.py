@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import save_tiny_model
 
 from poise.errors import ConfigError
 from poise.training.config import from_dict, load_config
@@ -74,13 +75,7 @@ def test_overrides_are_typed_yaml(tmp_path):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from poise.model.tiny import build_tiny_model, build_tiny_tokenizer
-
-    d = tmp_path_factory.mktemp("model")
-    tok = build_tiny_tokenizer()
-    build_tiny_model(tok, hidden_size=16, num_layers=1).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return save_tiny_model(tmp_path_factory.mktemp("model"))
 
 
 def test_validate_and_show_on_the_command_line(tmp_path, model_dir):
