@@ -164,6 +164,52 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score_pairs(args: argparse.Namespace) -> int:
+    """Score every training pair of CONFIG (CHES raw and length-normalised, log-probs, gradient ratio) with
+    the data, model and layout code of training; with --drop-top F also write the data without the top
+    fraction F by score (poise/eval/scorepairs.py)."""
+    from poise.eval.scorepairs import check_drop_top, score_pairs
+    from poise.training.config import load_config
+
+    # options may also follow CONFIG: they are in the key=value remainder (which keeps a mistyped
+    # --key=value for the config's own message)
+    late = argparse.ArgumentParser(prog="poise score-pairs", add_help=False)
+    _score_pairs_options(late)
+    args, overrides = late.parse_known_args(args.overrides, namespace=args)
+    check_drop_top(args.drop_top)  # before the config and the model are loaded
+    cfg = load_config(args.config, overrides)
+    result = score_pairs(cfg, out=args.out, drop_top=args.drop_top, by=args.by, model=args.model,
+                         force=args.force)
+    ches = result.summary["scores"]["ches"]
+    print(f"scored {len(result.rows)} pairs (CHES mean {ches['mean']:.4g}, median {ches['q50']:.4g}); "
+          f"scores, summary and histogram in {result.out}")
+    if result.filtered is not None:
+        import shlex
+
+        kept = len(result.rows) - result.dropped
+        again = [args.config, *(o for o in overrides if not o.startswith("train_file=")),
+                 f"train_file={result.filtered}"]
+        print(f"dropped {result.dropped} of {len(result.rows)} pairs (the top {args.drop_top:g} by {args.by}); "
+              f"{kept} kept in {result.filtered}; train on them with: poise train {shlex.join(again)}")
+    return 0
+
+
+def _score_pairs_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default=None, help="output folder (default: <output_dir>/pair_scores)")
+    p.add_argument("--drop-top", type=float, default=None, metavar="FRACTION",
+                   help="also write train_filtered.jsonl without this fraction of pairs with the highest score "
+                        "(in [0, 1), e.g. 0.1)")
+    p.add_argument("--by", default="ches", choices=["ches", "ches_norm"],
+                   help="score ranked by --drop-top: raw CHES (default) or length-normalised")
+    p.add_argument("--model", default=None, help="score under this model instead of the config's model")
+    p.add_argument("--force", action="store_true", help="replace the files of an earlier run in --out")
+
+
+def _score_pairs_args(p: argparse.ArgumentParser) -> None:
+    _score_pairs_options(p)
+    _config_args(p)
+
+
 def _quickstart_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None,
                    help="output folder (default: quickstart, or quickstart-smollm2 with --model smollm2)")
@@ -207,6 +253,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, Callable | N
     "validate": (cmd_validate, "check a config without loading any model", _config_args),
     "show": (cmd_show, "print the resolved config", _config_args),
     "eval": (cmd_eval, "evaluate a finished run (eval.json, generations.jsonl)", _eval_args),
+    "score-pairs": (cmd_score_pairs, "score every training pair (CHES, log-probs, gradient ratio); "
+                    "--drop-top F writes the data without the top F", _score_pairs_args),
     "sweep": (cmd_sweep, "run a grid of methods x hyperparameters (resumable)", _sweep_args),
     "report": (cmd_report, "compare runs: tables per method and per grid cell",
                lambda p: _runs_args(p, plot=False)),
