@@ -30,7 +30,7 @@ from poise.model.load import (
 from poise.model.reference import cached_reference_sums
 from poise.model.shared_prefix import choose_layout, pairs_reason
 from poise.training.config import TrainConfig, from_dict
-from poise.training.engines import make_engine
+from poise.training.engines import AccelerateEngine, Engine, FSDPEngine
 from poise.training.launch import check_launch
 from poise.training.preflight import Inputs, check_inputs
 from poise.training.runlog import MetricAccumulator
@@ -201,13 +201,13 @@ def make_accelerator(cfg: TrainConfig):
     config asks for (poise/training/launch.py: a launch form that would run something else is refused)."""
     from accelerate import Accelerator
 
-    from poise.training.launch import accelerate_env, check_launch, init_distributed
+    from poise.training.launch import accelerate_env, check_launch, init_distributed, resolve_mixed_precision
+    from poise.training.zero import set_accelerator_env
 
     engine = check_launch(cfg)
+    set_accelerator_env()  # DeepSpeed, when installed, is imported by transformers/accelerate: the CPU one here
     init_distributed(cfg)  # the process group, its rendezvous bounded by distributed_timeout
-    mp = cfg.mixed_precision
-    if mp == "auto":
-        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not cfg.cpu else "no"
+    mp = resolve_mixed_precision(cfg)
     # Without a GPU, accelerate sets up multi-process (gloo) training only when told cpu=True.
     with accelerate_env(engine):  # an engine poise runs itself is not set up by accelerate a second time
         acc = Accelerator(cpu=cfg.cpu or not torch.cuda.is_available(), mixed_precision=mp)
@@ -302,6 +302,17 @@ def _probe(cfg: TrainConfig, others, tokenizer, task, eval_task, device) -> tupl
     idx = list(range(min(cfg.probe_pairs, len(source))))
     probe = Probe([source.pairs[i] for i in idx], tokenizer.pad_token_id, chunk_size=cfg.chunk_size, others=others)
     return probe, source.ref_sums_for(idx, device)
+
+
+def make_engine(cfg: TrainConfig, accelerator, name: str) -> Engine:
+    """The engine ``name`` (from :func:`poise.training.launch.check_launch`) over ``accelerator``'s processes."""
+    if name == "fsdp":
+        return FSDPEngine(cfg, accelerator)
+    if name == "deepspeed":
+        from poise.training.zero import DeepSpeedEngine
+
+        return DeepSpeedEngine(cfg, accelerator)
+    return AccelerateEngine(cfg, accelerator, name)
 
 
 def make_optimizer(cfg: TrainConfig, params: list) -> torch.optim.AdamW:

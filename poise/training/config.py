@@ -157,8 +157,8 @@ class TrainConfig:
         "none with one; ddp: every process holds the whole model and optimizer, gradients are averaged "
         "(accelerate's DDP); fsdp: FSDP2 (torch fully_shard on every decoder layer and the root) shards "
         "parameters, gradients and optimizer state over the processes, checkpoints are sharded (every process "
-        "writes its part) and the final model is gathered into one folder; deepspeed: not available yet (refused "
-        "with the alternative). A launch that cannot run the choice is refused with the command to run "
+        "writes its part) and the final model is gathered into one folder; deepspeed: DeepSpeed ZeRO (stage "
+        "deepspeed_stage; the extra poise[deepspeed]), checkpoints in DeepSpeed's own per-rank format. A launch that cannot run the choice is refused with the command to run "
         "instead; fsdp and deepspeed need several processes.", "distributed")
     fsdp_reshard_after_forward: bool = F(
         True, "fsdp: free each layer's gathered parameters after its forward and gather them again for the "
@@ -167,6 +167,18 @@ class TrainConfig:
     fsdp_cpu_offload: bool = F(
         False, "fsdp: keep the sharded parameters, gradients and optimizer state in CPU memory and step the "
         "optimizer there (torch's CPUOffloadPolicy): less GPU memory, more transfers.", "distributed")
+    deepspeed_stage: Literal[1, 2, 3] = F(
+        2, "deepspeed: the ZeRO stage. 1 shards the optimizer state, 2 also the gradients, 3 also the "
+        "parameters (gathered layer by layer for the forward and backward).", "distributed")
+    deepspeed_offload: Literal["none", "optimizer", "all"] = F(
+        "none", "deepspeed: keep the optimizer state (optimizer) or also the parameters (all, ZeRO-3 only) in "
+        "CPU memory and step the optimizer there: less GPU memory, more transfers. GPU runs only.",
+        "distributed")
+    deepspeed_config: str | None = F(
+        None, "deepspeed: a DeepSpeed JSON config whose other settings (communication, buckets, ZeRO-3 "
+        "prefetch) are used as written. The settings poise owns (batch sizes, gradient accumulation, clipping, "
+        "precision, optimizer, scheduler, ZeRO stage and offload) must be absent, \"auto\" or equal to poise's: "
+        "a different value is an error naming the key.", "distributed")
     distributed_timeout: int = F(
         300, "Seconds a process waits at the start for the others to join (a launch without torchrun's own "
         "rendezvous) before it stops with a message that says which are missing and how to launch them.",

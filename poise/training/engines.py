@@ -33,7 +33,9 @@ multiplies by the number of processes.
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import math
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -102,6 +104,16 @@ class Engine:
     def clip_grad_norm(self, params: list, max_norm: float) -> float:
         raise NotImplementedError
 
+    def step(self, params: list, max_norm: float, skip: bool) -> float:
+        """Clip the gradients to ``max_norm`` and step the optimizer unless the norm is not finite or
+        ``skip``; the gradients are cleared either way. Returns the norm before clipping (the same on
+        every rank)."""
+        norm = self.clip_grad_norm(params, max_norm)
+        if math.isfinite(norm) and not skip:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
     @contextmanager
     def full_model(self):
         yield self.policy().model if self.is_main else None
@@ -161,6 +173,7 @@ class AccelerateEngine(Engine):
                                optimizer=self.optimizer, scheduler=scheduler, trainer_state=trainer_state, keep=keep)
 
     def load_checkpoint(self, ckpt, state, load_weights) -> None:
+        refuse_other_engine(ckpt, self.name)
         if (ckpt / SHARDS).is_dir():  # written sharded (distributed: fsdp): read whole on every rank
             from poise.training import sharded
 
@@ -190,7 +203,7 @@ class FSDPEngine(Engine):
             raise ConfigError(f"distributed: fsdp shards a model by its decoder layers, but "
                               f"{type(model).__name__} declares none (_no_split_modules); use distributed: ddp.")
         if self.is_main:  # an empty copy (no memory), filled with the full weights when asked for
-            self._replica = _empty_copy(model)
+            self._replica = empty_copy(model)
         mesh = init_device_mesh(self.device.type, (self.num_processes,))
         kw: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": self.cfg.fsdp_reshard_after_forward}
         mp = self.acc.mixed_precision
@@ -236,20 +249,12 @@ class FSDPEngine(Engine):
         if not self.is_main:
             yield None
             return
-        model = self._replica
         state = {k.removeprefix("model."): v for k, v in state.items()}
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-        if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
-            model.tie_weights()
-        tied = set(getattr(model, "_tied_weights_keys", None) or []) | {"lm_head.weight"}
-        if unexpected or set(missing) - tied:
-            raise PoiseError(f"fsdp: the gathered state does not match the model (missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]})")
-        model.to(self.device).train(self.module.training)
+        model = fill_replica(self._replica, state, self.device, self.module.training, engine="fsdp")
         try:
             yield model
         finally:
-            _empty_params(model)  # the full copy is freed again
+            empty_params(model)  # the full copy is freed again
 
     def save_checkpoint(self, run_dir, step, *, tokenizer, scheduler, trainer_state, keep):
         from poise.training import sharded
@@ -261,6 +266,7 @@ class FSDPEngine(Engine):
     def load_checkpoint(self, ckpt, state, load_weights) -> None:
         from poise.training import sharded
 
+        refuse_other_engine(ckpt, self.name)
         if not (ckpt / SHARDS).is_dir():
             raise PoiseError(f"checkpoint {ckpt} holds a whole model (written by distributed: ddp or one process), "
                              "not shards: resume it with distributed: ddp (or auto), or start a new run in "
@@ -272,21 +278,36 @@ def _meta(p: torch.nn.Parameter) -> torch.nn.Parameter:
     return torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
 
 
-def _empty_copy(model):
+def empty_copy(model):
     """A copy of ``model`` whose parameters are on the meta device (no memory; buffers are copied)."""
     memo = {id(p): _meta(p) for p in model.parameters()}
     return copy.deepcopy(model, memo)
 
 
-def _empty_params(model) -> None:
+def fill_replica(model, state: dict[str, torch.Tensor], device, training: bool, *, engine: str):
+    """``model`` (an :func:`empty_copy`) with the gathered full ``state`` assigned to it, on ``device``."""
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    tied = set(getattr(model, "_tied_weights_keys", None) or []) | {"lm_head.weight"}
+    if unexpected or set(missing) - tied:
+        raise PoiseError(f"{engine}: the gathered state does not match the model (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    return model.to(device).train(training)
+
+
+def empty_params(model) -> None:
     for m in model.modules():
         for name, p in list(m._parameters.items()):
             if p is not None and p.device.type != "meta":
                 m._parameters[name] = _meta(p)
 
 
-def make_engine(cfg, accelerator, name: str) -> Engine:
-    """The engine ``name`` (from :func:`poise.training.launch.check_launch`) over ``accelerator``'s processes."""
-    if name == "fsdp":
-        return FSDPEngine(cfg, accelerator)
-    return AccelerateEngine(cfg, accelerator, name)
+def refuse_other_engine(ckpt: Path, engine: str) -> None:
+    """A checkpoint in DeepSpeed's format resumes only under distributed: deepspeed."""
+    meta = ckpt / SHARDS / "engine.json"
+    if meta.is_file():
+        other = json.loads(meta.read_text()).get("engine", "?")
+        raise PoiseError(f"checkpoint {ckpt} was written by distributed: {other}, and this run is "
+                         f"{engine}{' (one process)' if engine == 'none' else ''}: resume it with distributed: "
+                         f"{other} on the same number of processes, or start a new run in another output_dir.")

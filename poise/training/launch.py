@@ -16,9 +16,10 @@ instead; none silently runs something else:
 * An accelerate config that asks for FSDP or DeepSpeed (``ACCELERATE_USE_FSDP``/``_DEEPSPEED``): with
   ``distributed: auto`` poise runs that engine itself (accelerate would drop the plugin on a CPU and
   run DDP); a different explicit ``distributed:`` is a contradiction and refused.
-* ``distributed: fsdp`` with one process: refused (nothing to shard over).
-* ``distributed: deepspeed`` (or an accelerate DeepSpeed config): not available yet, refused with the
-  engines that are.
+* ``distributed: fsdp`` or ``deepspeed`` with one process: refused (nothing to shard over).
+* An accelerate DeepSpeed config whose ZeRO stage or DeepSpeed config file differs from the poise
+  config's ``deepspeed_stage``/``deepspeed_config``: refused with the keys to set (poise runs DeepSpeed
+  itself, from its own config).
 """
 
 from __future__ import annotations
@@ -83,18 +84,13 @@ def check_launch(cfg) -> str:
             f"but the poise config says distributed: {asked}. Choose one: set distributed: {launcher} (or auto), or "
             "launch without that accelerate config (poise runs the engine itself; `torchrun` needs none).")
     engine = asked if asked != "auto" else (launcher or ("ddp" if world > 1 else "none"))
-    if engine == "fsdp" and world == 1:
+    if engine in ("fsdp", "deepspeed") and world == 1:
         raise LaunchError(
             f"distributed: {engine} shards the model over several processes, but this launch started one. "
             f"Launch several with {_torchrun()}, or set distributed: auto to train in one process.")
-    if engine == "deepspeed":
-        raise LaunchError(
-            "distributed: deepspeed is not available in this version of poise"
-            + (" (the accelerate config of this launch asks for it)" if launcher == "deepspeed" else "")
-            + ": nothing would run as asked. distributed: fsdp (FSDP2, in PyTorch itself) shards parameters, "
-            "gradients and optimizer state over the processes as ZeRO-3 does (docs/distributed.md); "
-            "distributed: ddp replicates them.")
     _check_engine_options(cfg, engine)
+    if engine == "deepspeed":
+        _check_deepspeed(cfg, world)
     if cfg.distributed_timeout < 1:
         raise LaunchError(f"distributed_timeout must be at least 1 second, got {cfg.distributed_timeout}.")
     return engine
@@ -128,6 +124,13 @@ def _check_engine_options(cfg, engine: str) -> None:
             "distributed: fsdp with LoRA and a live reference: the reference is the policy with its adapters "
             "off, and FSDP shards the policy, so it cannot run outside the policy's own forward. Set "
             "precompute_reference: true (the default) or give a reference_model.")
+    ds_options = [k for k, default in (("deepspeed_stage", 2), ("deepspeed_offload", "none"),
+                                       ("deepspeed_config", None)) if getattr(cfg, k) != default]
+    if engine != "deepspeed" and ds_options:
+        raise LaunchError(f"{', '.join(ds_options)} appl{'ies' if len(ds_options) == 1 else 'y'} to distributed: "
+                          f"deepspeed, but this run is {engine}{' (one process)' if engine == 'none' else ''}: set "
+                          "distributed: deepspeed (and launch several processes), or remove "
+                          f"{'it' if len(ds_options) == 1 else 'them'}.")
     if engine != "fsdp" and (cfg.fsdp_cpu_offload or not cfg.fsdp_reshard_after_forward):
         raise LaunchError(f"fsdp_cpu_offload and fsdp_reshard_after_forward apply to distributed: fsdp, but this "
                           f"run is {engine}{' (one process)' if engine == 'none' else ''}: set distributed: fsdp "
@@ -135,6 +138,47 @@ def _check_engine_options(cfg, engine: str) -> None:
     if engine == "fsdp" and cfg.fsdp_cpu_offload and (cfg.cpu or not torch.cuda.is_available()):
         raise LaunchError("fsdp_cpu_offload: true moves the shards from GPU memory to CPU memory, but this run "
                           "trains on the CPU, where they are already: set fsdp_cpu_offload: false.")
+
+
+def _check_deepspeed(cfg, world: int) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        raise LaunchError("distributed: deepspeed needs the DeepSpeed package, which is not installed: "
+                          "pip install 'poise[deepspeed]' (or use distributed: fsdp, which shards parameters, "
+                          "gradients and optimizer state as ZeRO-3 does with PyTorch alone).")
+    if cfg.deepspeed_offload != "none" and (cfg.cpu or not torch.cuda.is_available()):
+        raise LaunchError(f"deepspeed_offload: {cfg.deepspeed_offload} moves state from GPU memory to CPU memory, "
+                          "but this run trains on the CPU, where it is already: set deepspeed_offload: none.")
+    if cfg.deepspeed_offload == "all" and cfg.deepspeed_stage != 3:
+        raise LaunchError(f"deepspeed_offload: all also offloads the parameters, which only ZeRO-3 shards: set "
+                          f"deepspeed_stage: 3, or deepspeed_offload: optimizer with ZeRO-{cfg.deepspeed_stage}.")
+    if cfg.deepspeed_stage == 3 and cfg.lora_r > 0 and not cfg.precompute_reference and cfg.reference_model is None:
+        raise LaunchError(
+            "distributed: deepspeed with ZeRO-3, LoRA and a live reference: the reference is the policy with its "
+            "adapters off, and ZeRO-3 partitions the policy, so it cannot run outside the policy's own forward. "
+            "Set precompute_reference: true (the default) or give a reference_model.")
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    if stage and stage.strip() != str(cfg.deepspeed_stage):
+        raise LaunchError(f"the accelerate config of this launch asks for ZeRO-{stage} (ACCELERATE_DEEPSPEED_ZERO_STAGE), "
+                          f"but the poise config has deepspeed_stage: {cfg.deepspeed_stage}. poise runs DeepSpeed "
+                          f"from its own config: set deepspeed_stage: {stage}, or launch with torchrun.")
+    file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if file and file not in ("none", "None") and (cfg.deepspeed_config is None or
+                                                   os.path.abspath(file) != os.path.abspath(cfg.deepspeed_config)):
+        raise LaunchError(f"the accelerate config of this launch names the DeepSpeed config {file}, but the poise "
+                          f"config has deepspeed_config: {cfg.deepspeed_config}. poise runs DeepSpeed from its own "
+                          f"config: set deepspeed_config: {file}, or launch with torchrun.")
+    from poise.training.zero import ds_config
+
+    ds_config(cfg, world, resolve_mixed_precision(cfg))  # a deepspeed_config that conflicts is refused now
+
+
+def resolve_mixed_precision(cfg) -> str:
+    """``mixed_precision`` with ``auto`` decided: bf16 on a GPU that has it, else no."""
+    if cfg.mixed_precision != "auto":
+        return cfg.mixed_precision
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not cfg.cpu else "no"
 
 
 def backend(cfg) -> str:

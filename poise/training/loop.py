@@ -130,18 +130,17 @@ def train_step(run: RunState, idx: list[int]) -> dict[str, float]:
         with run.engine.accumulate(sync):  # gradients are reduced over ranks after the last micro-batch
             loss, m, per_pair = task.loss(run.module, mb, acc.device, state=run.state, num_items=len(idx),
                                          num_tokens=n_tokens)
+            if per_pair is not None and not torch.isfinite(per_pair.detach()).all():
+                bad += [mb[i] for i in (~torch.isfinite(per_pair.detach())).nonzero().flatten().tolist()]
+                loss = loss * float("nan")  # a non-finite gradient: every engine skips this step's update
             run.engine.backward(loss)  # the loss is this rank's share of the global mean
-        if per_pair is not None and not torch.isfinite(per_pair.detach()).all():
-            bad += [mb[i] for i in (~torch.isfinite(per_pair.detach())).nonzero().flatten().tolist()]
         metrics.add(m, len(mb))
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
-    grad_norm = run.engine.clip_grad_norm(run.trainable, max_norm)  # the same on every rank
-    if not math.isfinite(grad_norm) or _any_rank(acc, bool(bad)):
-        run.optimizer.zero_grad(set_to_none=True)
+    skip = _any_rank(acc, bool(bad))
+    grad_norm = run.engine.step(run.trainable, max_norm, skip)  # clip and step; the norm is the same on every rank
+    if not math.isfinite(grad_norm) or skip:
         return {"nonfinite": 1.0, "nonfinite_pairs": bad}
-    run.optimizer.step()
     run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
     out = metrics.reduce(acc)
     dt = time.perf_counter() - t0
     out.update({"grad_norm": grad_norm, "learning_rate": run.scheduler.get_last_lr()[0],

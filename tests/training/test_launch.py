@@ -16,6 +16,7 @@ from poise.training.loop import train
 
 LAUNCH_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE",
                "ACCELERATE_USE_CPU", "ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "PMI_SIZE",
+               "ACCELERATE_DEEPSPEED_ZERO_STAGE", "ACCELERATE_DEEPSPEED_CONFIG_FILE",
                "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
 
@@ -100,15 +101,66 @@ def test_an_accelerate_config_chooses_the_engine_and_a_contradiction_is_refused(
     assert os.environ["ACCELERATE_USE_FSDP"] == "true"
 
 
-def test_deepspeed_is_refused_with_the_engines_there_are(make_cfg, env):
-    """Not available yet: refused, also when an accelerate DeepSpeed config asks for it (accelerate itself
-    would drop the plugin on a CPU and run DDP)."""
+def test_deepspeed_launch_forms(make_cfg, env, monkeypatch):
+    """distributed: deepspeed runs with several processes; an accelerate DeepSpeed config selects it, and
+    one that asks for another ZeRO stage or DeepSpeed file than the poise config is refused."""
+    _refused(make_cfg(distributed="deepspeed"), "distributed: deepspeed shards the model over several processes")
     env(WORLD_SIZE=2, RANK=0, MASTER_ADDR="127.0.0.1", MASTER_PORT=1)
-    with pytest.raises(LaunchError, match="deepspeed is not available.*distributed: fsdp"):
-        check_launch(make_cfg(distributed="deepspeed"))
+    assert check_launch(make_cfg(distributed="deepspeed", deepspeed_stage=3)) == "deepspeed"
     env(ACCELERATE_USE_DEEPSPEED="true")
-    with pytest.raises(LaunchError, match="accelerate config of this launch asks for it"):
+    assert check_launch(make_cfg()) == "deepspeed"
+    env(ACCELERATE_DEEPSPEED_ZERO_STAGE="3")
+    with pytest.raises(LaunchError, match="asks for ZeRO-3 .* deepspeed_stage: 2. .* set deepspeed_stage: 3"):
         check_launch(make_cfg())
+    assert check_launch(make_cfg(deepspeed_stage=3)) == "deepspeed"
+    env(ACCELERATE_DEEPSPEED_CONFIG_FILE="/somewhere/ds.json")
+    with pytest.raises(LaunchError, match="set deepspeed_config: /somewhere/ds.json"):
+        check_launch(make_cfg(deepspeed_stage=3))
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    with pytest.raises(LaunchError, match=r"pip install 'poise\[deepspeed\]'"):
+        check_launch(make_cfg(distributed="deepspeed"))
+
+
+def test_deepspeed_options_are_checked_at_launch(make_cfg, env, tmp_path):
+    _refused(make_cfg(deepspeed_stage=3), "deepspeed_stage applies to distributed: deepspeed, but this run is none")
+    env(WORLD_SIZE=2, RANK=0, MASTER_ADDR="127.0.0.1", MASTER_PORT=1)
+    ds = dict(distributed="deepspeed")
+    with pytest.raises(LaunchError, match="trains on the CPU, where it is already: set deepspeed_offload: none"):
+        check_launch(make_cfg(**ds, deepspeed_offload="optimizer", cpu=True))
+    with pytest.raises(LaunchError, match="LoRA and a live reference"):
+        check_launch(make_cfg(**ds, deepspeed_stage=3, lora_r=4, precompute_reference=False))
+    from poise.errors import ConfigError
+
+    bad = tmp_path / "ds.json"
+    bad.write_text('{"gradient_clipping": 5.0, "zero_optimization": {"reduce_bucket_size": 1000}}')
+    with pytest.raises(ConfigError, match="gradient_clipping is 5.0, but poise sets it .* remove gradient_clipping"):
+        check_launch(make_cfg(**ds, deepspeed_config=str(bad)))
+    bad.write_text('{"zero_optimization": {"stage": 3}}')
+    with pytest.raises(ConfigError, match="zero_optimization.stage is 3.*deepspeed_stage"):
+        check_launch(make_cfg(**ds, deepspeed_config=str(bad)))
+    bad.write_text('{"zero_optimization": {')
+    with pytest.raises(ConfigError, match="is not valid JSON"):
+        check_launch(make_cfg(**ds, deepspeed_config=str(bad)))
+    with pytest.raises(ConfigError, match="cannot read"):
+        check_launch(make_cfg(**ds, deepspeed_config=str(tmp_path / "missing.json")))
+
+
+def test_a_deepspeed_config_file_keeps_its_other_settings(make_cfg, tmp_path):
+    from poise.training.zero import ds_config
+
+    path = tmp_path / "ds.json"
+    path.write_text('{"train_batch_size": "auto", "gradient_clipping": 0.5, "communication_data_type": "fp32", '
+                    '"zero_optimization": {"stage": "auto", "reduce_bucket_size": 1000}}')
+    cfg = make_cfg(distributed="deepspeed", deepspeed_stage=3, deepspeed_config=str(path), batch_size=8,
+                   micro_batch_size=2, max_grad_norm=0.5)
+    out = ds_config(cfg, world=2, mixed_precision="no")
+    assert out["train_batch_size"] == 8 and out["gradient_accumulation_steps"] == 2
+    assert out["zero_optimization"] == {"stage": 3, "reduce_bucket_size": 1000}
+    assert out["communication_data_type"] == "fp32" and out["gradient_clipping"] == 0.5
+    assert out["bf16"] == {"enabled": False}
 
 
 def test_the_commands_of_docs_distributed_md_name_configs_that_validate():
@@ -130,5 +182,5 @@ def test_the_commands_of_docs_distributed_md_name_configs_that_validate():
         config, overrides = rest[0], rest[1:]
         if config.startswith("configs/"):  # a shipped config (else YOUR_CONFIG.yaml)
             cfg = load_config(root / config, overrides)
-            assert cfg.distributed in ("fsdp", "ddp") and f"`{cfg.distributed}`" in text
+            assert cfg.distributed in ("fsdp", "ddp", "deepspeed") and f"`{cfg.distributed}`" in text
         assert re.fullmatch(r"torchrun --nproc_per_node \d+ -m poise train", " ".join(args[:args.index("train") + 1]))

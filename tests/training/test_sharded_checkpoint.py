@@ -1,7 +1,7 @@
 """Sharded checkpoints (checkpoint.save_sharded_checkpoint, sharded.SafeReader) without a process group:
 two ranks as threads with a fake communicator, so that the protocol (the main process picks the folder,
 every rank writes its part, the main process finishes, a failure reaches every rank) is tested here in
-milliseconds; tests/training/test_fsdp.py runs it for real over gloo."""
+milliseconds; tests/training/test_engines.py runs it for real over gloo."""
 
 import pickle
 import threading

@@ -1,4 +1,4 @@
-"""Run under torchrun by tests/training/test_fsdp.py: trains each config given, one after the other, in
+"""Run under torchrun by tests/training/test_engines.py: trains each config given, one after the other, in
 one multi-process job (Python, torch and the process group start once for all of them). ``copy:SRC:DST``
 between two configs copies the folder SRC to DST first (the main process; the others wait)."""
 
