@@ -11,6 +11,10 @@ from hypothesis import HealthCheck, settings
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# mixed_precision: auto picks bf16 autocast on a CPU with native bf16 (AVX512_BF16, AMX) and fp32 on
+# others: the suite runs fp32 on every CPU, so that it computes the same everywhere (also in the
+# processes it launches); tests/training/test_precision.py tests the choice and the bf16 path.
+os.environ["POISE_CPU_BF16"] = "0"
 
 # "ci": derandomized (the examples follow from each test's name, not from a random seed or the
 # example database), no deadline (a shared CI machine is slow at random moments), and a failure

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from poise import fsutil
 from poise.data import TokenizedPair
@@ -58,7 +59,8 @@ def adapters_disabled(model) -> Iterator[None]:
 @torch.no_grad()
 def compute_reference_sums(model, pairs: Sequence[TokenizedPair], *, pad_token_id: int,
                            batch_size: int, chunk_size: int, device: torch.device,
-                           disable_adapters: bool = False, layout: str = "separate") -> torch.Tensor:
+                           disable_adapters: bool = False, layout: str = "separate",
+                           progress: bool = True) -> torch.Tensor:
     """(N, 2) float32 sums of the reference's log-probs over each pair's chosen and rejected tokens.
 
     ``layout`` is the batch layout (see :func:`poise.model.shared_prefix.collate_layout`); use the training
@@ -68,43 +70,115 @@ def compute_reference_sums(model, pairs: Sequence[TokenizedPair], *, pad_token_i
     was_training = model.training
     model.eval()
     ctx = adapters_disabled(model) if disable_adapters else contextlib.nullcontext()
+    bar = tqdm(total=len(pairs), desc="reference", unit="pair", dynamic_ncols=True, leave=False,
+               disable=not progress or not pairs)
     with ctx:
         for i in range(0, len(pairs), batch_size):
             b = collate_layout(pairs[i:i + batch_size], pad_token_id, layout).to(device)
             s = batch_logps(model, b, chunk_size=chunk_size).logps.sum(-1)
             n = b.num_pairs
             out.append(torch.stack([s[:n], s[n:]], -1).float().cpu())
+            bar.update(n)
+    bar.close()
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, 2)
+
+
+def _ranks() -> tuple[int, int]:
+    """(rank, processes) of the process group, (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_ranks_agree(flag: bool, device: torch.device) -> bool:
+    import torch.distributed as dist
+
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item() > 0)
+
+
+def _split_sums(model, pairs: Sequence[TokenizedPair], rank: int, world: int, device: torch.device,
+                **kw) -> torch.Tensor:
+    """Every rank scores its contiguous share of the pairs; the shares are gathered into the (N, 2)
+    sums on every rank (a collective)."""
+    import torch.distributed as dist
+
+    per = -(-len(pairs) // world)
+    mine = compute_reference_sums(model, pairs[rank * per:(rank + 1) * per], device=device, **kw)
+    padded = torch.zeros(per, 2, dtype=torch.float32, device=device)
+    padded[:len(mine)] = mine.to(device)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat(parts)[:len(pairs)].cpu()
 
 
 def cached_reference_sums(model, pairs: Sequence[TokenizedPair], *, cache_dir: str, pad_token_id: int,
                           batch_size: int, chunk_size: int, device: torch.device,
                           disable_adapters: bool = False, write: bool = True,
                           layout: str = "separate") -> tuple[torch.Tensor, Path, bool]:
-    """(sums (N, 2), cache file, whether it was a cache hit)."""
+    """(sums (N, 2), cache file, whether it was a cache hit).
+
+    In a process group (several processes; every rank calls this with the same pairs) the work is
+    split: each rank scores its share, the sums are gathered on every rank and the main process alone
+    writes the cache file; a cache file counts as a hit only when every rank can read it."""
     with adapters_disabled(model) if disable_adapters else contextlib.nullcontext():
         fp = weights_fingerprint(model)
     key = cache_key(fp, pairs, extra=f"logps-v1|{model.config.model_type}|{layout}")
     path = Path(os.path.expanduser(cache_dir)) / "reference" / f"{key}.safetensors"
-    if path.is_file():
+    rank, world = _ranks()
+    sums = _read_cache(path, len(pairs))
+    hit = sums is not None if world == 1 else _all_ranks_agree(sums is not None, device)
+    if hit:
+        return sums, path, True
+    kw = dict(pad_token_id=pad_token_id, batch_size=batch_size, chunk_size=chunk_size,
+              disable_adapters=disable_adapters, layout=layout)
+    if world == 1:
+        sums = compute_reference_sums(model, pairs, device=device, **kw)
+    else:
+        sums = _split_sums(model, pairs, rank, world, device, progress=rank == 0, **kw)
+    failure = None
+    if write and rank == 0:
         try:
-            sums = load_file(str(path))["sums"]
-            if sums.shape == (len(pairs), 2):
-                return sums, path, True
-        except Exception as e:  # a damaged cache file is recomputed, never trusted
-            log.warning("reference cache %s unreadable (%s); recomputing", path, e)
-    sums = compute_reference_sums(model, pairs, pad_token_id=pad_token_id, batch_size=batch_size,
-                                  chunk_size=chunk_size, device=device, disable_adapters=disable_adapters,
-                                  layout=layout)
-    if write:
-        try:  # a temporary file renamed over the cache file: a reader never sees half of one
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with fsutil.atomic_path(path) as tmp:
-                save_file({"sums": sums.contiguous()}, str(tmp))
+            _write_cache(path, sums)
         except Exception as e:
-            if not fsutil.is_write_failure(e):
-                raise
-            raise fsutil.write_error("the reference cache file", path, e,
-                                     then="run again (or set cache_dir to another folder)") from e
+            failure = e
+    if world > 1:  # every rank hears of a failed write, else the others would wait at the next collective
+        import torch.distributed as dist
+
+        told = [None if failure is None else str(failure)]
+        dist.broadcast_object_list(told, src=0)
+        if failure is None and told[0] is not None:
+            from poise.errors import PoiseError
+
+            raise PoiseError(f"the main process could not write the reference cache ({told[0]})")
+    if failure is not None:
+        raise failure
     return sums, path, False
+
+
+def _read_cache(path: Path, n: int) -> torch.Tensor | None:
+    if not path.is_file():
+        return None
+    try:
+        sums = load_file(str(path))["sums"]
+        if sums.shape == (n, 2):
+            return sums
+    except Exception as e:  # a damaged cache file is recomputed, never trusted
+        log.warning("reference cache %s unreadable (%s); recomputing", path, e)
+    return None
+
+
+def _write_cache(path: Path, sums: torch.Tensor) -> None:
+    try:  # a temporary file renamed over the cache file: a reader never sees half of one
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with fsutil.atomic_path(path) as tmp:
+            save_file({"sums": sums.contiguous()}, str(tmp))
+    except Exception as e:
+        if not fsutil.is_write_failure(e):
+            raise
+        raise fsutil.write_error("the reference cache file", path, e,
+                                 then="run again (or set cache_dir to another folder)") from e

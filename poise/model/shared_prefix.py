@@ -61,6 +61,15 @@ def pairs_reason(pairs: Sequence[TokenizedPair]) -> str | None:
     return "some pairs have an empty prompt" if any(not p.prompt_ids for p in pairs) else None
 
 
+def _compute_dtype(model: nn.Module) -> torch.dtype:
+    """The precision the model computes in here: the autocast dtype when autocast is on (the training
+    precision, under which the check runs), else the weights' dtype."""
+    device = next(model.parameters()).device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return model_dtype(model)
+
+
 def choose_layout(setting: str, models: Sequence[nn.Module], pairs: Sequence[TokenizedPair], pad_token_id: int,
                   *, chunk_size: int = 1024) -> str:
     """``"shared"`` or ``"separate"`` for the config value ``pair_layout`` (auto / shared / separate).
@@ -75,7 +84,7 @@ def choose_layout(setting: str, models: Sequence[nn.Module], pairs: Sequence[Tok
         sample = list(pairs[:4])
         for model in models:
             diff = verify_shared_prefix(model, sample, pad_token_id, chunk_size=chunk_size)
-            tol = TOLERANCE.get(model_dtype(model), HALF_TOLERANCE)
+            tol = TOLERANCE.get(_compute_dtype(model), HALF_TOLERANCE)
             if not diff <= tol:
                 problem = f"the layouts disagree by {diff:.3g} nats on a token (tolerance {tol:g})"
                 break

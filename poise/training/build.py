@@ -26,6 +26,7 @@ from poise.model.load import (
     check_vocabulary_fits,
     load_model,
     resolve_source,
+    updates_round_away,
 )
 from poise.model.reference import cached_reference_sums
 from poise.model.shared_prefix import choose_layout, pairs_reason
@@ -67,7 +68,7 @@ class RunState:
         process on the whole model (every rank calls this: a sharded model is gathered)."""
         if self.probe is None:
             return {}
-        with self.engine.full_model() as model:
+        with self.engine.full_model() as model, self.accelerator.autocast():  # the training precision
             if model is None:
                 return {}
             out = self.probe.logps(model, self.accelerator.device)
@@ -157,8 +158,9 @@ class RunState:
         for j in range(-(-len(batches) // world)):
             mb = mine[j] if j < len(mine) else []
             work = mb or [0]
-            _, m, _ = task.loss(self.module, work, self.accelerator.device, state=self.state, num_items=len(work),
-                                num_tokens=task.norm_tokens(work))
+            with self.accelerator.autocast():
+                _, m, _ = task.loss(self.module, work, self.accelerator.device, state=self.state,
+                                    num_items=len(work), num_tokens=task.norm_tokens(work))
             acc.add(m, len(mb))
         self.module.train()
         return {f"eval/{k}": v for k, v in acc.reduce(self.accelerator).items()}
@@ -209,6 +211,11 @@ def make_accelerator(cfg: TrainConfig):
     init_distributed(cfg)  # the process group, its rendezvous bounded by distributed_timeout
     mp = resolve_mixed_precision(cfg)
     # Without a GPU, accelerate sets up multi-process (gloo) training only when told cpu=True.
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one precision per process: a second run in this process (the API, a sweep) with
+    # another mixed_precision would be refused. The process state (devices, the group) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
     with accelerate_env(engine):  # an engine poise runs itself is not set up by accelerate a second time
         acc = Accelerator(cpu=cfg.cpu or not torch.cuda.is_available(), mixed_precision=mp)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -335,6 +342,9 @@ def build_run(cfg: TrainConfig) -> RunState:
         log.info("%s", note)
     texts = [r.data.get("chosen") for r in inputs.train_rows[:64] if isinstance(r.data.get("chosen"), str)]
     model = _model(cfg, tokenizer, texts, acc.device)
+    warning = updates_round_away(model, cfg.learning_rate)
+    if warning:
+        log.warning("%s", warning)
     ref_info: dict[str, Any] = {}
     layout = "separate"
     objective = None
@@ -344,14 +354,16 @@ def build_run(cfg: TrainConfig) -> RunState:
         objective = cfg.build_objective()
         ref = _load_reference(cfg, tokenizer, acc.device) if objective.needs_reference else None
         # a separate reference must qualify for the shared layout too
-        layout = choose_layout(cfg.pair_layout, [model] + ([ref] if ref is not None else []), data.pairs,
-                               tokenizer.pad_token_id, chunk_size=cfg.chunk_size)
-        if objective.needs_reference:
-            ref_info = _reference(cfg, model, ref, data.pairs, tokenizer, acc.device, layout)
+        with acc.autocast():  # the layout check and the reference in the training precision
+            layout = choose_layout(cfg.pair_layout, [model] + ([ref] if ref is not None else []), data.pairs,
+                                   tokenizer.pad_token_id, chunk_size=cfg.chunk_size)
+            if objective.needs_reference:
+                ref_info = _reference(cfg, model, ref, data.pairs, tokenizer, acc.device, layout)
         task = PreferenceTask(data.pairs, objective, tokenizer.pad_token_id, chunk_size=cfg.chunk_size,
                               diagnostics=cfg.diagnostics, layout=layout,
                               **{k: v for k, v in ref_info.items() if k != "ref_cache"})
-    eval_task = _eval_task(cfg, inputs.eval, tokenizer, objective, ref_info, layout)
+    with acc.autocast():
+        eval_task = _eval_task(cfg, inputs.eval, tokenizer, objective, ref_info, layout)
     probe, probe_ref = _probe(cfg, inputs.probe, tokenizer, task, eval_task, acc.device)
     stats = set(objective.needs_stats) | ({"sum_p2"} if cfg.diagnostics else set()) if objective else set()
     module = PolicyLogps(model, stats=sorted(stats), chunk_size=cfg.chunk_size)

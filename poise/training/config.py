@@ -45,8 +45,10 @@ class TrainConfig:
     trust_remote_code: bool = F(False, "Run model code shipped with a checkpoint. Off unless you trust "
                                 "the source.", "model")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = F(
-        "auto", "Weights' dtype. auto: float32 on a CPU (bf16 there runs about 27x slower than fp32 "
-        "without native support), the checkpoint's dtype on a GPU.", "model")
+        "auto", "Weights' dtype. auto: float32 on every device (fp32 master weights, which the optimizer "
+        "updates; the forward runs in mixed_precision). bfloat16/float16: pure half-precision weights, which "
+        "round away small updates (at 5e-7, about 1% of bf16 weights change over 10 AdamW steps): poise warns "
+        "when learning_rate is below half the spacing at the median weight.", "model")
     gradient_checkpointing: bool = F(False, "Recompute activations in the backward pass to save memory.",
                                      "model")
     lora_r: int = F(0, "LoRA rank; 0 trains every weight. With LoRA the reference is the base model "
@@ -105,7 +107,11 @@ class TrainConfig:
     max_grad_norm: float | None = F(1.0, "Clip the gradient norm to this; null disables clipping.",
                                     "training")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = F(
-        "auto", "Autocast precision. auto: bf16 on a GPU that supports it, none on a CPU (fp32).",
+        "auto", "Autocast precision of the forward and backward (weights and optimizer stay in dtype). auto: "
+        "bf16 on a GPU that supports it and on a CPU that computes bf16 natively (AVX512_BF16 or AMX: 1.3-1.7x "
+        "faster than fp32 there, docs/performance.md), else no (fp32). The reference pass, the layout check, "
+        "calibration, evaluation and the probes run in the same precision. POISE_CPU_BF16=0 in the "
+        "environment makes auto use fp32 on every CPU.",
         "training")
     seed: int = F(0, "Seed of the data order, initialisation of adapters and dropout.", "training")
     chunk_size: int = F(1024, "Completion tokens per chunk of the output head (memory vs speed).",

@@ -174,11 +174,27 @@ def _check_deepspeed(cfg, world: int) -> None:
     ds_config(cfg, world, resolve_mixed_precision(cfg))  # a deepspeed_config that conflicts is refused now
 
 
+def cpu_has_native_bf16() -> bool:
+    """The CPU computes bf16 natively (AVX512_BF16 or AMX), where bf16 autocast is faster than fp32
+    (docs/performance.md); the environment variable POISE_CPU_BF16=0 (or 1) overrides the detection."""
+    forced = os.environ.get("POISE_CPU_BF16", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    cpu = getattr(torch, "cpu", None)
+    try:
+        return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+    except AttributeError:  # an older torch: no native bf16 assumed
+        return False
+
+
 def resolve_mixed_precision(cfg) -> str:
-    """``mixed_precision`` with ``auto`` decided: bf16 on a GPU that has it, else no."""
+    """``mixed_precision`` with ``auto`` decided: bf16 autocast on a GPU that has bf16 and on a CPU that
+    computes bf16 natively, else no (fp32)."""
     if cfg.mixed_precision != "auto":
         return cfg.mixed_precision
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not cfg.cpu else "no"
+    if torch.cuda.is_available() and not cfg.cpu:
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if cpu_has_native_bf16() else "no"
 
 
 def backend(cfg) -> str:

@@ -204,7 +204,8 @@ def calibrate(run: RunState) -> None:
     while task.needs_calibration(state) and step < sched.per_epoch:
         idx = sched.batch(step)
         mine = _rank_slice(idx, acc.process_index, acc.num_processes)
-        stats = task.calibration_stats(run.module, mine, acc.device, run.cfg.micro_batch_size)
+        with acc.autocast():  # the training precision
+            stats = task.calibration_stats(run.module, mine, acc.device, run.cfg.micro_batch_size)
         state = task.calibrate(state, stats, gather)
         seen, step = seen + len(idx), step + 1
         bar.update(len(idx))

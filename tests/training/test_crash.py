@@ -376,9 +376,13 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def write_cfg_2(make_cfg, tmp_path, name):
+#: the engines of the two-process crash tests: DDP (whole checkpoints), FSDP2 and ZeRO-3 (every rank's shards)
+ENGINES = {"ddp": {}, "fsdp": dict(distributed="fsdp"), "zero3": dict(distributed="deepspeed", deepspeed_stage=3)}
+
+
+def write_cfg_2(make_cfg, tmp_path, name, engine="ddp"):
     """The crash tests' config for two processes: 4 pairs per rank and micro-batch."""
-    return write_cfg(make_cfg, tmp_path, name, micro_batch_size=4)
+    return write_cfg(make_cfg, tmp_path, name, micro_batch_size=4, **ENGINES[engine])
 
 
 def torchrun(path, *extra, script=None, env=None, **kw):
@@ -429,25 +433,32 @@ def test_killing_one_rank_ends_the_run_promptly(make_cfg, tmp_path):
 
 @pytest.fixture(scope="module")
 def reference_2(tmp_path_factory, reference):
-    """The uninterrupted two-process run."""
-    make_cfg = reference[0]
-    tmp = tmp_path_factory.mktemp("ref2")
-    path, run_dir = write_cfg_2(make_cfg, tmp, "full2")
-    proc = torchrun(path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
-    return weights(run_dir)
+    """engine -> the weights of the uninterrupted two-process run (trained on first use)."""
+    make_cfg, done = reference[0], {}
+
+    def get(engine: str):
+        if engine not in done:
+            tmp = tmp_path_factory.mktemp(f"ref2-{engine}")
+            path, run_dir = write_cfg_2(make_cfg, tmp, "full2", engine)
+            proc = torchrun(path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            _, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0, err[-3000:]
+            done[engine] = weights(run_dir)
+        return done[engine]
+
+    return get
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("rank", [0, 1])
-def test_a_rank_killed_mid_run_resumes_exactly_with_two_processes(reference, reference_2, tmp_path, rank):
-    """Rank 0 (the one that writes checkpoints) SIGKILLed just after publishing the step-2 checkpoint, or
-    rank 1 SIGKILLed while held after step 2: the launch ends promptly, and resume=true with two processes
-    ends with weights bit-for-bit equal to the uninterrupted two-process run (the lock a killed rank 0
-    leaves is stale and taken over)."""
+def test_a_rank_killed_mid_run_resumes_exactly_with_two_processes(reference, reference_2, tmp_path, rank, engine):
+    """Rank 0 (the one that publishes checkpoints) SIGKILLed just after publishing the step-2 checkpoint,
+    or rank 1 SIGKILLed while held after step 2, under DDP, FSDP2 and ZeRO-3: the launch ends promptly,
+    and resume=true with two processes ends with weights bit-for-bit equal to the uninterrupted
+    two-process run (the lock a killed rank 0 leaves is stale and taken over)."""
     make_cfg = reference[0]
-    path, run_dir = write_cfg_2(make_cfg, tmp_path, f"rank{rank}")
+    path, run_dir = write_cfg_2(make_cfg, tmp_path, f"rank{rank}", engine)
     if rank == 0:
         start = time.monotonic()
         proc = torchrun(path, env={KILL_ENV: "rename:2"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -464,4 +475,4 @@ def test_a_rank_killed_mid_run_resumes_exactly_with_two_processes(reference, ref
     if rank == 0:
         assert "took over the lock of a run that no longer runs" in err
     assert logged_steps(run_dir) == list(range(STEPS + 1))
-    assert_same(weights(run_dir), reference_2)
+    assert_same(weights(run_dir), reference_2(engine))

@@ -1,0 +1,85 @@
+"""The reference pass (poise/model/reference.py): sums, the cache, and the work split over processes."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from poise.data import TokenizedPair
+from poise.model.reference import cached_reference_sums, compute_reference_sums
+from poise.model.tiny import build_tiny_model, build_tiny_tokenizer
+
+KW = dict(pad_token_id=0, batch_size=3, chunk_size=4096, device=torch.device("cpu"))
+
+
+def _pairs(n: int = 7) -> list[TokenizedPair]:
+    g = torch.Generator().manual_seed(0)
+
+    def ids(k):
+        return torch.randint(3, 60, (k,), generator=g).tolist()
+
+    return [TokenizedPair(prompt_ids=ids(3 + i % 3), chosen_ids=ids(2 + i % 4), rejected_ids=ids(4 - i % 3),
+                          source="t.jsonl", index=i)
+            for i in range(n)]
+
+
+def _model():
+    return build_tiny_model(build_tiny_tokenizer(), hidden_size=16, num_layers=1, seed=0).eval()
+
+
+def test_the_sums_are_the_log_probs_of_each_response(tmp_path):
+    model, pairs = _model(), _pairs(3)
+    sums = compute_reference_sums(model, pairs, **KW)
+    for i, p in enumerate(pairs):
+        for j, resp in enumerate((p.chosen_ids, p.rejected_ids)):
+            ids = torch.tensor([p.prompt_ids + resp])
+            with torch.no_grad():
+                logp = model(ids).logits.log_softmax(-1)[0, :-1].gather(-1, ids[0, 1:, None])[:, 0]
+            expected = logp[len(p.prompt_ids) - 1:].sum()
+            assert sums[i, j].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_the_cache_is_reused_and_a_damaged_file_recomputed(tmp_path):
+    model, pairs = _model(), _pairs()
+    a, path, hit = cached_reference_sums(model, pairs, cache_dir=str(tmp_path), **KW)
+    assert not hit and path.is_file()
+    b, _, hit = cached_reference_sums(model, pairs, cache_dir=str(tmp_path), **KW)
+    assert hit and torch.equal(a, b)
+    path.write_bytes(b"not safetensors")
+    c, _, hit = cached_reference_sums(model, pairs, cache_dir=str(tmp_path), **KW)
+    assert not hit and torch.equal(a, c)
+
+
+def _worker(rank: int, world: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    import poise.model.reference as ref
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    scored = []
+    real = ref.compute_reference_sums
+    ref.compute_reference_sums = lambda model, pairs, **kw: (scored.append(len(pairs)), real(model, pairs, **kw))[1]
+    sums, path, hit = ref.cached_reference_sums(_model(), _pairs(), cache_dir=out, **KW)
+    again, _, hit2 = ref.cached_reference_sums(_model(), _pairs(), cache_dir=out, **KW)
+    torch.save({"sums": sums, "scored": scored, "hit": (hit, hit2), "again": again}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_two_processes_split_the_reference_pass(tmp_path):
+    """Each rank scores its share (4 + 3 of 7 pairs); both get all the sums; one cache file, reused."""
+    import torch.multiprocessing as mp
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    os.environ.pop("RANK", None)
+    mp.spawn(_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    one = compute_reference_sums(_model(), _pairs(), **KW)
+    for rank, share in ((0, 4), (1, 3)):
+        r = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert r["scored"] == [share]  # its share, once: the second call read the cache
+        assert r["hit"] == (False, True)
+        torch.testing.assert_close(r["sums"], one, rtol=1e-5, atol=0)
+        assert torch.equal(r["again"], r["sums"])
+    assert len(list((tmp_path / "reference").glob("*.safetensors"))) == 1
