@@ -71,22 +71,36 @@ def step_metrics(pl: PairLogps, loss: Tensor, objective) -> dict[str, Tensor]:
 
 
 class Probe:
-    """A fixed probe batch and the squeezing probes, measured every few steps."""
+    """A fixed probe batch and the squeezing probes, measured every few steps.
+
+    :meth:`measure` takes every figure in one schedule of passes whose memory is bounded by
+    ``micro_batch_size`` pairs: one no-grad pass over the probe pairs (the log-prob probes, the softmax
+    statistics and the loss's gradient w.r.t. each branch's per-token log-probs), then, per chunk of
+    ``micro_batch_size`` pairs, a forward and backward of the chosen rows alone and of the rejected rows
+    alone, with those per-token gradients as grad_outputs (each row's graph is its own in the separate
+    layout, so the branch gradients take one backward over the probe's rows in all, not one per branch
+    over all rows), and a no-grad pass over the unrelated responses.
+    """
 
     def __init__(self, pairs: Sequence[TokenizedPair], pad_token_id: int, *, chunk_size: int,
-                 others: Sequence[tuple[tuple[int, ...], tuple[int, ...]]] | None = None):
+                 others: Sequence[tuple[tuple[int, ...], tuple[int, ...]]] | None = None,
+                 micro_batch_size: int | None = None):
         self.pairs = list(pairs)
         self.pad = pad_token_id
         self.chunk_size = chunk_size
+        self.micro_batch_size = micro_batch_size or max(len(self.pairs), 1)
         if others is None:  # each prompt with another pair's chosen response: unrelated to the prompt
             n = len(self.pairs)
             others = [(p.prompt_ids, self.pairs[(i + 1) % n].chosen_ids) for i, p in enumerate(self.pairs)]
         self.others = list(others)
 
     @torch.no_grad()
-    def logps(self, model, device) -> dict[str, float]:
+    def _forward(self, model, device, stats: Sequence[str]):
         b = collate_pairs(self.pairs, self.pad).to(device)
-        out = batch_logps(model, b, stats=("entropy", "max_p"), chunk_size=self.chunk_size)
+        return batch_logps(model, b, stats=tuple(stats), chunk_size=self.chunk_size)
+
+    @torch.no_grad()
+    def _logp_metrics(self, model, device, out) -> dict[str, float]:
         n = len(self.pairs)
         sums = out.logps.sum(-1)
         cm = out.mask[:n]
@@ -100,21 +114,53 @@ class Probe:
             res["probe/others_logp"] = ol.logps.sum(-1).mean().item()
         return res
 
+    def logps(self, model, device) -> dict[str, float]:
+        return self._logp_metrics(model, device, self._forward(model, device, ("entropy", "max_p")))
+
+    def measure(self, model, objective, state: dict, trainable: list, device, ref_sums: Tensor | None,
+                *, grads: bool = True) -> dict[str, float]:
+        """Every probe figure (the parameter-space ones only with ``grads``)."""
+        names = {"entropy", "max_p"} | (set(objective.needs_stats) if grads else set())
+        out = self._forward(model, device, sorted(names))
+        res = self._logp_metrics(model, device, out)
+        if grads:
+            res.update(self._param_grads(model, objective, state, trainable, device, ref_sums, out))
+        return res
+
     def param_grads(self, model, objective, state: dict, trainable: list, device,
                     ref_sums: Tensor | None) -> dict[str, float]:
         """Norms and cosine of the chosen-branch and rejected-branch parameter gradients (``state``: the
         objective's explicit state, read only)."""
-        b = collate_pairs(self.pairs, self.pad).to(device)
-        pol = batch_logps(model, b, stats=tuple(objective.needs_stats), chunk_size=self.chunk_size)
+        out = self._forward(model, device, tuple(objective.needs_stats))
+        return self._param_grads(model, objective, state, trainable, device, ref_sums, out)
+
+    def _param_grads(self, model, objective, state, trainable, device, ref_sums, out) -> dict[str, float]:
         ref = None if ref_sums is None else (ref_sums[:, 0].to(device), ref_sums[:, 1].to(device))
-        pl = pair_logps(pol, ref_sums=ref)
+        pl = pair_logps(out, ref_sums=ref)
+        pl.chosen = pl.chosen.detach().requires_grad_(True)
+        pl.rejected = pl.rejected.detach().requires_grad_(True)
         loss = objective(pl, state).loss
-        dw, dl = torch.autograd.grad(loss, (pl.chosen, pl.rejected), retain_graph=True)
-        gw = torch.autograd.grad(pl.chosen, trainable, grad_outputs=dw, retain_graph=True, allow_unused=True)
-        gl = torch.autograd.grad(pl.rejected, trainable, grad_outputs=dl, allow_unused=True)
-        vw = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float() for g, p in zip(gw, trainable)])
-        vl = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float() for g, p in zip(gl, trainable)])
+        dw, dl = torch.autograd.grad(loss, (pl.chosen, pl.rejected))
+        vw = self._branch_grad(model, trainable, device, dw, pl.chosen_mask, "chosen_ids")
+        vl = self._branch_grad(model, trainable, device, dl, pl.rejected_mask, "rejected_ids")
         nw, nl = vw.norm(), vl.norm()
         return {"diag/param_grad_norm_chosen": nw.item(), "diag/param_grad_norm_rejected": nl.item(),
                 "diag/param_grad_ratio": (nl / nw.clamp(min=1e-30)).item(),
                 "diag/param_grad_cosine": (vw @ vl / (nw * nl).clamp(min=1e-30)).item()}
+
+    def _branch_grad(self, model, trainable, device, d: Tensor, mask: Tensor, side: str) -> Tensor:
+        """The parameter gradient through one branch: sum over chunks of micro_batch_size pairs of the
+        vector-Jacobian product of that branch's per-token log-probs with ``d`` (dL/dlog-prob)."""
+        total = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in trainable]
+        size = self.micro_batch_size
+        for i in range(0, len(self.pairs), size):
+            part = self.pairs[i:i + size]
+            b = collate_sequences([(p.prompt_ids, getattr(p, side)) for p in part], self.pad).to(device)
+            lp = batch_logps(model, b, chunk_size=self.chunk_size)
+            g = torch.zeros_like(lp.logps)
+            g[lp.mask] = d[i:i + size][mask[i:i + size]].to(g.dtype)  # the same tokens, in the same order
+            gs = torch.autograd.grad(lp.logps, trainable, grad_outputs=g, allow_unused=True)
+            for t, gp in zip(total, gs):
+                if gp is not None:
+                    t.add_(gp.float())
+        return torch.cat([t.flatten() for t in total])

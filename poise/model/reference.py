@@ -72,16 +72,21 @@ def compute_reference_sums(model, pairs: Sequence[TokenizedPair], *, pad_token_i
     ctx = adapters_disabled(model) if disable_adapters else contextlib.nullcontext()
     bar = tqdm(total=len(pairs), desc="reference", unit="pair", dynamic_ncols=True, leave=False,
                disable=not progress or not pairs)
+    order = sorted(range(len(pairs)), key=lambda i: pairs[i].length)  # like lengths together: little padding
     with ctx:
         for i in range(0, len(pairs), batch_size):
-            b = collate_layout(pairs[i:i + batch_size], pad_token_id, layout).to(device)
+            b = collate_layout([pairs[j] for j in order[i:i + batch_size]], pad_token_id, layout).to(device)
             s = batch_logps(model, b, chunk_size=chunk_size).logps.sum(-1)
             n = b.num_pairs
             out.append(torch.stack([s[:n], s[n:]], -1).float().cpu())
             bar.update(n)
     bar.close()
     model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, 2)
+    if not out:
+        return torch.zeros(0, 2)
+    sums = torch.empty(len(pairs), 2)
+    sums[torch.tensor(order)] = torch.cat(out)
+    return sums
 
 
 def _ranks() -> tuple[int, int]:
@@ -119,27 +124,43 @@ def _split_sums(model, pairs: Sequence[TokenizedPair], rank: int, world: int, de
 def cached_reference_sums(model, pairs: Sequence[TokenizedPair], *, cache_dir: str, pad_token_id: int,
                           batch_size: int, chunk_size: int, device: torch.device,
                           disable_adapters: bool = False, write: bool = True,
-                          layout: str = "separate") -> tuple[torch.Tensor, Path, bool]:
+                          layout: str = "separate",
+                          needed: Sequence[int] | None = None) -> tuple[torch.Tensor, Path, bool]:
     """(sums (N, 2), cache file, whether it was a cache hit).
 
     In a process group (several processes; every rank calls this with the same pairs) the work is
     split: each rank scores its share, the sums are gathered on every rank and the main process alone
-    writes the cache file; a cache file counts as a hit only when every rank can read it."""
+    writes the cache file; a cache file counts as a hit only when every rank can read it.
+
+    ``needed``: the indices of the pairs the run will use (a run that stops early at ``max_steps``); only
+    those are scored, the others are NaN in the sums and in the file, and a later run that needs more
+    scores the missing ones and extends the file."""
     with adapters_disabled(model) if disable_adapters else contextlib.nullcontext():
         fp = weights_fingerprint(model)
     key = cache_key(fp, pairs, extra=f"logps-v1|{model.config.model_type}|{layout}")
     path = Path(os.path.expanduser(cache_dir)) / "reference" / f"{key}.safetensors"
     rank, world = _ranks()
-    sums = _read_cache(path, len(pairs))
-    hit = sums is not None if world == 1 else _all_ranks_agree(sums is not None, device)
+    want = sorted(set(range(len(pairs)) if needed is None else needed))
+    cached = _read_cache(path, len(pairs))
+    missing = want if cached is None else [i for i in want if not torch.isfinite(cached[i]).all()]
+    hit = not missing if world == 1 else _all_ranks_agree(not missing, device)
     if hit:
-        return sums, path, True
+        return cached, path, True
+    if world > 1:  # every rank scores the same missing pairs: those of the main process's reading
+        import torch.distributed as dist
+
+        box = [missing, cached]  # and the main process's cached sums, should another rank have read none
+        dist.broadcast_object_list(box, src=0)
+        missing, cached = box
     kw = dict(pad_token_id=pad_token_id, batch_size=batch_size, chunk_size=chunk_size,
               disable_adapters=disable_adapters, layout=layout)
+    todo = [pairs[i] for i in missing]
     if world == 1:
-        sums = compute_reference_sums(model, pairs, device=device, **kw)
+        new = compute_reference_sums(model, todo, device=device, **kw)
     else:
-        sums = _split_sums(model, pairs, rank, world, device, progress=rank == 0, **kw)
+        new = _split_sums(model, todo, rank, world, device, progress=rank == 0, **kw)
+    sums = cached.clone() if cached is not None else torch.full((len(pairs), 2), float("nan"))
+    sums[torch.tensor(missing, dtype=torch.long)] = new
     failure = None
     if write and rank == 0:
         try:

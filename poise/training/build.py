@@ -8,6 +8,7 @@ import copy
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,20 +63,35 @@ class RunState:
     probe_ref: Any = None  # (P, 2) reference sums of the probe pairs
     state: dict[str, Any] = field(default_factory=dict)  # the task's explicit state (balancers)
     engine: Any = None  # how the processes share the model (poise/training/engines.py)
+    #: the probes' time: spent so far, the last probe's, when the run started (poise's budget)
+    probe_clock: dict[str, float] = field(default_factory=lambda: {"spent": 0.0, "last": 0.0,
+                                                                     "start": time.perf_counter()})
 
     def probe_metrics(self) -> dict[str, float]:
         """Squeezing probes and parameter-space gradient norms on the probe batch, measured on the main
         process on the whole model (every rank calls this: a sharded model is gathered)."""
         if self.probe is None:
             return {}
+        t0 = time.perf_counter()
         with self.engine.full_model() as model, self.accelerator.autocast():  # the training precision
             if model is None:
-                return {}
-            out = self.probe.logps(model, self.accelerator.device)
-            trainable = [p for p in model.parameters() if p.requires_grad]
-            out.update(self.probe.param_grads(model, self.task.objective, self.state, trainable,
-                                              self.accelerator.device, self.probe_ref))
+                out = {}
+            else:
+                trainable = [p for p in model.parameters() if p.requires_grad]
+                out = self.probe.measure(model, self.task.objective, self.state, trainable,
+                                         self.accelerator.device, self.probe_ref)
+        self.probe_clock["spent"] += time.perf_counter() - t0
+        self.probe_clock["last"] = time.perf_counter() - t0
         return out
+
+    def probe_due(self) -> bool:
+        """Whether a scheduled probe fits the budget: the probes' time so far plus one more (as long as
+        the last) within ``diagnostics_budget`` of the time since the run started. The main process
+        decides, every rank follows (a sharded model's gather is a collective)."""
+        budget = self.cfg.diagnostics_budget
+        clock = self.probe_clock
+        due = not budget or clock["spent"] + clock["last"] <= budget * (time.perf_counter() - clock["start"])
+        return bool(self.engine.broadcast(due))
 
     def unwrapped_model(self):
         """The Hugging Face model as this process holds it (its parameters are shards under FSDP)."""
@@ -269,16 +285,31 @@ def _load_reference(cfg: TrainConfig, tokenizer, device):
     return ref.to(device)
 
 
-def _reference(cfg: TrainConfig, model, ref, pairs, tokenizer, device, layout: str) -> dict[str, Any]:
+def needed_pairs(cfg: TrainConfig, pairs, objective) -> list[int] | None:
+    """The training pairs a run that stops early (``max_steps``) uses: its steps' batches, the first
+    epoch's when the objective calibrates, and the probe pairs drawn from the training data; None: all."""
+    if cfg.max_steps is None:
+        return None
+    sched = Schedule([p.length for p in pairs], cfg.batch_size, cfg.seed, cfg.epochs, cfg.max_steps)
+    steps = sched.per_epoch if objective.needs_calibration(objective.init_state()) else 0
+    used = {i for s in range(max(sched.total, steps)) for i in sched.batch(s)}
+    if cfg.diagnostics and cfg.eval_file is None:
+        used |= set(range(min(cfg.probe_pairs, len(pairs))))
+    return None if len(used) == len(pairs) else sorted(used)
+
+
+def _reference(cfg: TrainConfig, model, ref, pairs, tokenizer, device, layout: str,
+               needed: list[int] | None = None) -> dict[str, Any]:
     """Keyword arguments of PreferenceTask for the reference (``ref``: the separate reference model or
-    None for the initial policy), precomputed or live."""
+    None for the initial policy), precomputed (for the ``needed`` pairs; None: all) or live."""
     disable = ref is None and cfg.lora_r > 0
     ref = model if ref is None else ref
     ref_kw = dict(pad_token_id=tokenizer.pad_token_id, batch_size=cfg.micro_batch_size * 2,
                   chunk_size=cfg.chunk_size, device=device, disable_adapters=disable, layout=layout)
     if cfg.precompute_reference:
-        sums, path, hit = cached_reference_sums(ref, pairs, cache_dir=cfg.cache_dir, **ref_kw)
-        log.info("reference log-probs %s %s", "reused from" if hit else "computed and cached in", path)
+        sums, path, hit = cached_reference_sums(ref, pairs, cache_dir=cfg.cache_dir, needed=needed, **ref_kw)
+        log.info("reference log-probs %s %s%s", "reused from" if hit else "computed and cached in", path,
+                 "" if needed is None else f" ({len(needed)} of {len(pairs)} pairs: those the run uses)")
         return {"ref_sums": sums, "ref_cache": (ref, ref_kw)}
     if ref is model and not disable:
         ref = copy.deepcopy(model)
@@ -307,7 +338,8 @@ def _probe(cfg: TrainConfig, others, tokenizer, task, eval_task, device) -> tupl
         return None, None
     source = eval_task if eval_task is not None else task
     idx = list(range(min(cfg.probe_pairs, len(source))))
-    probe = Probe([source.pairs[i] for i in idx], tokenizer.pad_token_id, chunk_size=cfg.chunk_size, others=others)
+    probe = Probe([source.pairs[i] for i in idx], tokenizer.pad_token_id, chunk_size=cfg.chunk_size, others=others,
+                  micro_batch_size=cfg.micro_batch_size)
     return probe, source.ref_sums_for(idx, device)
 
 
@@ -358,7 +390,8 @@ def build_run(cfg: TrainConfig) -> RunState:
             layout = choose_layout(cfg.pair_layout, [model] + ([ref] if ref is not None else []), data.pairs,
                                    tokenizer.pad_token_id, chunk_size=cfg.chunk_size)
             if objective.needs_reference:
-                ref_info = _reference(cfg, model, ref, data.pairs, tokenizer, acc.device, layout)
+                ref_info = _reference(cfg, model, ref, data.pairs, tokenizer, acc.device, layout,
+                                      needed_pairs(cfg, data.pairs, objective))
         task = PreferenceTask(data.pairs, objective, tokenizer.pad_token_id, chunk_size=cfg.chunk_size,
                               diagnostics=cfg.diagnostics, layout=layout,
                               **{k: v for k, v in ref_info.items() if k != "ref_cache"})

@@ -125,8 +125,14 @@ class TrainConfig:
     diagnostics: bool = F(True, "Log the imbalance every step (logit-space gradient norms of each branch, "
                           "sigma(-u), likelihood displacement) and, every diagnostics_steps, parameter-space "
                           "gradient norms and squeezing probes on a fixed probe batch.", "diagnostics")
-    diagnostics_steps: int = F(10, "Probe every this many steps (0: only at the start and the end).",
-                               "diagnostics")
+    diagnostics_steps: int = F(10, "Probe every this many steps (0: only at the start and the end), within "
+                               "diagnostics_budget.", "diagnostics")
+    diagnostics_budget: float = F(
+        0.05, "The largest share of the run's time the probes may take: a probe due every diagnostics_steps "
+        "is skipped while the probes' time so far plus one more would exceed this share of the time since the "
+        "start (the start and end probes always run; on a run of a few dozen steps they alone can exceed "
+        "it). 0: no budget, every diagnostics_steps. The every-step diagnostics cost no budget (they reuse "
+        "the step's own pass).", "diagnostics")
     probe_pairs: int = F(16, "Pairs in the probe batch (from eval_file when given, else train_file).",
                          "diagnostics")
     probe_file: str | None = F(None, "Prompt/response rows unrelated to the training pairs, to measure "
@@ -402,6 +408,9 @@ def _check_sizes(cfg: TrainConfig) -> str | None:
             fix = " (0 trains every weight; a LoRA rank is positive, e.g. 8 or 16)" if name == "lora_r" else \
                 " (0 switches it off)"
             return f"{name} must be 0 or more, got {getattr(cfg, name)}{fix}."
+    if not 0 <= cfg.diagnostics_budget < 1:
+        return (f"diagnostics_budget is a share of the run's time, from 0 (no budget) to below 1, got "
+                f"{cfg.diagnostics_budget}.")
     if cfg.batch_size % cfg.micro_batch_size:
         return (f"batch_size={cfg.batch_size} is not a multiple of micro_batch_size={cfg.micro_batch_size}; "
                 "make it one (the quotient is gradient accumulation).")

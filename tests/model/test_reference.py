@@ -83,3 +83,44 @@ def test_two_processes_split_the_reference_pass(tmp_path):
         torch.testing.assert_close(r["sums"], one, rtol=1e-5, atol=0)
         assert torch.equal(r["again"], r["sums"])
     assert len(list((tmp_path / "reference").glob("*.safetensors"))) == 1
+
+
+def test_only_the_needed_pairs_are_scored_and_a_later_run_extends_the_cache(tmp_path, monkeypatch):
+    import poise.model.reference as ref
+
+    model, pairs = _model(), _pairs()
+    scored = []
+    real = ref.compute_reference_sums
+    monkeypatch.setattr(ref, "compute_reference_sums",
+                        lambda m, ps, **kw: (scored.append(len(ps)), real(m, ps, **kw))[1])
+    full = real(model, pairs, **KW)
+    a, path, hit = cached_reference_sums(model, pairs, cache_dir=str(tmp_path), needed=[1, 4], **KW)
+    assert not hit and scored == [2]
+    assert torch.isnan(a[[0, 2, 3, 5, 6]]).all()
+    torch.testing.assert_close(a[[1, 4]], full[[1, 4]], rtol=1e-5, atol=0)
+    b, _, hit = cached_reference_sums(model, pairs, cache_dir=str(tmp_path), needed=[4, 1], **KW)
+    assert hit and scored == [2]  # nothing scored again
+    c, _, hit = cached_reference_sums(model, pairs, cache_dir=str(tmp_path), needed=[1, 2, 3], **KW)
+    assert not hit and scored == [2, 2]  # the two missing ones, added to the file
+    d, _, hit = cached_reference_sums(model, pairs, cache_dir=str(tmp_path), **KW)
+    assert not hit and scored == [2, 2, 3] and torch.isfinite(d).all()
+    torch.testing.assert_close(d, full, rtol=1e-5, atol=0)
+    assert torch.equal(d[[1, 4]], a[[1, 4]])  # scored once, kept
+    assert cached_reference_sums(model, pairs, cache_dir=str(tmp_path), **KW)[2]
+
+
+def test_a_run_that_stops_early_scores_only_what_it_uses(make_cfg=None):
+    from poise.compose import objective as make_objective
+    from poise.training.build import needed_pairs
+    from poise.training.config import from_dict
+
+    pairs = _pairs(40)
+    base = dict(model="m", train_file="t.jsonl", batch_size=4, micro_batch_size=4, probe_pairs=2, eval_file="e.jsonl")
+    cfg = from_dict({**base, "max_steps": 3})
+    used = needed_pairs(cfg, pairs, make_objective("dpo"))
+    assert len(used) == 12  # 3 steps of 4 distinct pairs
+    assert needed_pairs(from_dict(base), pairs, make_objective("dpo")) is None  # the whole epoch
+    cal = needed_pairs(cfg, pairs, make_objective("gate-dpo"))  # calibration reads the first epoch
+    assert cal is None
+    no_eval = needed_pairs(from_dict({**base, "max_steps": 3, "eval_file": None}), pairs, make_objective("dpo"))
+    assert set(no_eval) == set(used) | {0, 1}  # and the probe pairs

@@ -78,7 +78,7 @@ def base(assets, tmp_path_factory):
                   eval_file=str(eval9), cache_dir=str(root / "cache"),
                   batch_size=8, micro_batch_size=2, learning_rate=1e-3, max_steps=4, warmup_ratio=0.0,
                   scheduler="constant", max_grad_norm=0.5, max_length=64, max_prompt_length=32,
-                  diagnostics_steps=2, eval_steps=2, save_steps=2)
+                  diagnostics_steps=2, diagnostics_budget=0.0, eval_steps=2, save_steps=2)
 
     def config(case: dict, **kw) -> dict:
         out = {**common, **case, **kw}

@@ -192,3 +192,25 @@ def test_gate_calibrates_before_step_1_on_all_pairs_of_a_small_run(make_cfg, ass
     monkeypatch.setattr(Objective, "finish_calibration", no_calibration)
     out = evaluate_run(res.run_dir, num_prompts=2, max_new_tokens=2)
     assert 0.0 <= out["reward_accuracy"] <= 1.0
+
+
+def test_the_probes_keep_to_their_budget(monkeypatch):
+    """A probe due every diagnostics_steps runs only while the probes' time so far plus one more stays
+    within diagnostics_budget of the time since the start; budget 0: every time."""
+    import time
+    from types import SimpleNamespace
+
+    from poise.training.build import RunState
+
+    run = RunState.__new__(RunState)
+    run.engine = SimpleNamespace(broadcast=lambda x: x)
+    now = 1000.0
+    monkeypatch.setattr(time, "perf_counter", lambda: now)
+    run.probe_clock = {"spent": 4.0, "last": 2.0, "start": now - 100.0}  # 6 s of 100 s: 6%
+    run.cfg = SimpleNamespace(diagnostics_budget=0.05)
+    assert not run.probe_due()
+    run.probe_clock["start"] = now - 120.0  # 6 s of 120 s: 5%
+    assert run.probe_due()
+    run.cfg = SimpleNamespace(diagnostics_budget=0.0)
+    run.probe_clock["start"] = now - 1.0
+    assert run.probe_due()
