@@ -11,6 +11,13 @@ created, passed and returned, and the forward never changes it::
     state = obj.calibrate(state, first_batch)   # a step of its own, under the initial policy
     out = obj(batch, state=state)
 
+A balancer that reads a statistic of the whole optimizer step (beta-DPO's mean margin) is fed the step's
+pairs before the step and advanced after it, again returning new states::
+
+    state = obj.begin_step(state, step_batch)   # or its step_stats, gathered over micro-batches/ranks
+    out = obj(batch, state=state)               # each micro-batch of the step
+    state = obj.end_step(state)                 # after the optimizer step
+
 Hyperparameters are flat keywords (spec section 9); each belongs to exactly one loss or balancer, and
 one that the chosen loss and balancers do not take is an error when the objective is built.
 """
@@ -117,6 +124,11 @@ class Objective:
         return frozenset().union(*(b.needs_stats for b in self.balancers))
 
     @property
+    def needs_step_stats(self) -> bool:
+        """Whether :meth:`begin_step` must see each optimizer step's pairs before its forward."""
+        return any(b.needs_step_stats for b in self.balancers)
+
+    @property
     def balance(self) -> tuple[str, ...]:
         return tuple(b.name for b in self.balancers)
 
@@ -137,7 +149,7 @@ class Objective:
                                      f"it with stats=[{stat!r}]).")
 
     def __call__(self, batch: PairLogps, state: dict[str, Any] | None = None, *, num_pairs: float | None = None,
-                 num_chosen_tokens: float | None = None) -> ObjectiveOutput:
+                 num_chosen_tokens: float | None = None, positions: Sequence[int] | None = None) -> ObjectiveOutput:
         """Loss, per-pair losses and metrics of one batch. Pure: ``state`` is read, never changed.
 
         Args:
@@ -148,6 +160,10 @@ class Objective:
                 is to be a share of a step-level mean; default B.
             num_chosen_tokens: chosen tokens of the whole step, the denominator of batch-level NLL
                 terms (CPO, ORPO, nll_weight); default this batch's.
+            positions: where this batch's pairs sit in the step (default 0..B-1), read only when the state
+                keeps some pairs of the step (:meth:`selection`, ``dynbeta_keep`` < 1): the others weigh 0,
+                and ``num_pairs``/``num_chosen_tokens`` then count the kept pairs only (their defaults:
+                the step's kept pairs, and the chosen tokens of this batch's kept pairs).
         """
         self._check(batch)
         state = self.init_state() if state is None else state
@@ -162,14 +178,22 @@ class Objective:
             metrics.update(m)
         t_w, t_l = apply_scales(t_w, t_l, scales)
         pair_loss = self.loss_spec.fn(Terms(t_w, t_l, seq.n_w, seq.n_l), **self.loss_hp)  # (B,)
-        n_pairs = float(num_pairs) if num_pairs is not None else float(batch.batch_size)
-        n_tok = batch.chosen_mask.sum().to(seq.dtype) if num_chosen_tokens is None else num_chosen_tokens
+        sel = self.selection(state)
+        weight = None if sel is None else _kept(sel[0], positions, batch.batch_size, pair_loss)
+        default_pairs = float(batch.batch_size) if sel is None else float(len(sel[0]))
+        n_pairs = float(num_pairs) if num_pairs is not None else default_pairs
+        mask = batch.chosen_mask if weight is None else batch.chosen_mask & (weight[:, None] > 0)
+        n_tok = mask.sum().to(seq.dtype) if num_chosen_tokens is None else num_chosen_tokens
         per_pair = pair_loss
         if self.nll_weight:
             # batch-level token mean of the chosen NLL, shared out so that sum(per_pair)/n_pairs == loss
             per_pair = per_pair + self.nll_weight * (-seq.S_w) * (n_pairs / n_tok)
+        if weight is not None:  # pairs the step does not keep weigh 0
+            per_pair = per_pair * weight
         loss = per_pair.sum() / n_pairs
         metrics.update(_base_metrics(seq, rewards, per_pair, batch))
+        if sel is not None:  # so that the mean over a step's micro-batches, weighted by their sizes, is the loss
+            metrics["loss"] = (per_pair.detach().sum() / n_pairs) * (sel[1] / batch.batch_size)
         return ObjectiveOutput(loss=loss, per_pair=per_pair, metrics=metrics)
 
     # -- explicit state (optax style): created, passed, returned; the forward never changes it ------------
@@ -227,8 +251,55 @@ class Objective:
         for b in self._stateful():
             b.check_state(state[b.name])
 
+    # -- per-step statistics (beta-DPO): read before each optimizer step, over all of its pairs ---------
+    def step_stats(self, batch: PairLogps) -> dict[str, Tensor]:
+        """Per-pair statistics (B,) that :meth:`begin_step` reads, by balancer (detached)."""
+        self._check(batch)
+        seq = PairSeq.build(batch, read_reference=self.needs_reference)
+        with torch.no_grad():
+            rewards = tuple(r.detach() for r in self.loss_spec.rewards(seq, self.loss_hp))
+            return {b.name: stat for b in self.balancers if (stat := b.step_stat(seq, rewards)) is not None}
+
+    def begin_step(self, state: dict[str, Any], batch: PairLogps | dict[str, Tensor],
+                   gather: Callable[[Tensor], Tensor] | None = None) -> dict[str, Any]:
+        """The state an optimizer step's forward reads, from every pair of the step (``state`` unchanged).
+
+        Args:
+            state: the state between steps.
+            batch: the step's pairs, or their :meth:`step_stats` (all micro-batches, in the step's order).
+            gather: collects a statistic from every rank first, in rank order (``accelerator.gather``).
+        """
+        stats = self.step_stats(batch) if isinstance(batch, PairLogps) else batch
+        new = dict(state)
+        for b in self._stateful():
+            if b.needs_step_stats:
+                stat = gather(stats[b.name]) if gather else stats[b.name]
+                new[b.name] = b.begin_step(state[b.name], stat)
+        return new
+
+    def end_step(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The state after the optimizer step (running statistics advanced); unchanged without step stats."""
+        return {**state, **{b.name: b.end_step(state[b.name]) for b in self._stateful() if b.needs_step_stats}}
+
+    def selection(self, state: dict[str, Any] | None) -> tuple[list[int], int] | None:
+        """(positions in the step of the pairs its loss averages over, the step's number of pairs) when the
+        state keeps only some (``dynbeta_keep`` < 1), else None."""
+        for b in self.balancers:
+            if state and b.name in state and (sel := b.selection(state[b.name])) is not None:
+                return sel
+        return None
+
     def _stateful(self) -> list[Balancer]:
         return [b for b in self.balancers if b.init_state()]
+
+
+def _kept(keep: list[int], positions: Sequence[int] | None, size: int, like: Tensor) -> Tensor:
+    """(B,) 1 for the pairs of this batch that the step keeps, else 0."""
+    pos = range(size) if positions is None else list(positions)
+    if len(pos) != size:
+        raise ValueError(f"positions has {len(pos)} entries for a batch of {size} pairs")
+    kept = set(keep)
+    return torch.tensor([float(p in kept) for p in pos], dtype=like.dtype, device=like.device)
 
 
 def _base_metrics(seq: PairSeq, rewards: tuple[Tensor, Tensor], per_pair: Tensor,

@@ -70,6 +70,7 @@ BLOCKS = {
     "ada-constructions": ada_constructions,
     "gate-options": lambda: params_table("gate"),
     "balanced-options": lambda: params_table("balanced"),
+    "dynbeta-options": lambda: params_table("dynbeta"),
 }
 
 _BLOCK = re.compile(r"(<!-- generated: ([\w-]+) -->\n)(.*?)(<!-- end generated -->)", re.S)

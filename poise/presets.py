@@ -30,4 +30,6 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("gate-dposhift", "dposhift", ("gate",), _GATE, "DPO-Shift with the gated rejected gradient"),
     Preset("balanced-dpo", "dpo", ("balanced",), "Balanced-DPO, arXiv 2502.20847 (reconstruction)",
            "DPO with chosen and rejected gradients reweighted to equal logit-space norm"),
+    Preset("beta-dpo", "dpo", ("dynbeta",), "Wu et al. 2024 (beta-DPO), arXiv 2407.08639",
+           "DPO with beta adapted per step to the mean margin against its running mean"),
 )}

@@ -55,12 +55,17 @@ SPEC_ADA_TOKEN_ONLY = {"orpo"}
 #: baselines whose chosen term is not one margin with the rejected (a target, a non-monotone or a
 #: separable bounded term), as decided in poise/balance/ada.py (the spec leaves them to it).
 SPEC_ADA_GRADIENT_ONLY = {"ipo", "caldpo", "nca", "apozero", "apodown", "simper"}
-#: Spec section 9.
+#: Spec section 10: dynbeta composes with the losses whose beta multiplies the log-ratios, and is
+#: refused for the others (IPO's and Cal-DPO's beta sets a target; reference-free losses have no margin).
+SPEC_DYNBETA_LOSSES = {"dpo", "cdpo", "robust", "hinge", "rdpo", "dposhift", "dpop", "nca", "apozero", "apodown",
+                       "dponorm"}
+#: Spec sections 9 and 10.
 SPEC_PRESETS = {
     "adadpo": ("dpo", ("ada",)), "ada-simpo": ("simpo", ("ada",)), "ada-ipo": ("ipo", ("ada",)),
     "ada-rdpo": ("rdpo", ("ada",)), "ada-cpo": ("cpo", ("ada",)), "ada-orpo": ("orpo", ("ada",)),
     "gate-dpo": ("dpo", ("gate",)), "gate-ipo": ("ipo", ("gate",)), "gate-caldpo": ("caldpo", ("gate",)),
     "gate-dposhift": ("dposhift", ("gate",)), "balanced-dpo": ("dpo", ("balanced",)),
+    "beta-dpo": ("dpo", ("dynbeta",)),
 }
 
 BASE_KEYS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -70,6 +75,7 @@ ADA_KEYS = {"balance/kappa_mean", "balance/kappa_min", "balance/kappa_max", "bal
 GATE_KEYS = {"gate/mean", "gate/min", "gate/max", "gate/closed_frac", "gate/phat_q10", "gate/phat_q50",
              "gate/phat_q90"}
 GATE_CALIBRATED_KEYS = {"gate/tau", "gate/sharpness"}
+DYNBETA_KEYS = {"dynbeta/scale", "dynbeta/margin_mean", "dynbeta/margin_running"}
 BALANCED_KEYS = {"norm": {"balance/w_chosen_mean", "balance/w_rejected_mean"},
                  "prob": {"balance/beta_l_scale_mean"}}
 
@@ -140,10 +146,13 @@ class Combo:
 
     @property
     def invalid_keys(self) -> tuple[str, ...]:
-        """The hyperparameters a refusal must name; () if the spec says the combination is valid."""
-        if "ada" not in self.balance:
-            return ()
+        """The hyperparameters (or the balancer) a refusal must name; () if the spec says the combination
+        is valid."""
         keys = []
+        if "dynbeta" in self.balance and self.loss not in SPEC_DYNBETA_LOSSES:
+            keys.append("dynbeta")
+        if "ada" not in self.balance:
+            return tuple(keys)
         if self.get("ada_space") == "reference" and not loss_needs_reference(self.loss):
             keys.append("ada_space")
         if self.get("ada_form") == "sequence" and self.loss in SPEC_ADA_TOKEN_ONLY:
@@ -152,7 +161,8 @@ class Combo:
 
     @property
     def needs_reference(self) -> bool:
-        return loss_needs_reference(self.loss) or ("ada" in self.balance and self.get("ada_space") == "reference")
+        return (loss_needs_reference(self.loss) or "dynbeta" in self.balance
+                or ("ada" in self.balance and self.get("ada_space") == "reference"))
 
     @property
     def needs_stats(self) -> bool:
@@ -458,6 +468,8 @@ def expected_metric_keys(combo: Combo, calibrated: bool) -> set[str]:
         keys |= GATE_KEYS | (GATE_CALIBRATED_KEYS if calibrated else set())
     if "balanced" in combo.balance:
         keys |= BALANCED_KEYS[combo.get("balanced_variant")]
+    if "dynbeta" in combo.balance:
+        keys |= DYNBETA_KEYS
     return keys
 
 
@@ -745,6 +757,7 @@ SPEC_BALANCER_DEFAULTS = {
     "gate": {"gate_estimator": "seq", "gate_quantile": 0.1, "gate_tau": "auto", "gate_sharpness": "auto",
              "gate_apply": "gradient", "gate_calibration_pairs": 256, "gate_calibration_quantile": 0.25},
     "balanced": {"balanced_variant": "norm"},
+    "dynbeta": {"dynbeta_alpha": 0.5, "dynbeta_momentum": 0.9, "dynbeta_keep": 1.0},
 }
 SPEC_ACCEPTED = [
     ("cdpo", (), {"label_smoothing": 0.0}), ("robust", (), {"label_smoothing": 0.49}),

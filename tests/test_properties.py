@@ -104,11 +104,17 @@ def _gate(draw) -> dict:
     return hp
 
 
+#: Spec section 10: the losses dynbeta composes with.
+DYNBETA_LOSSES = {"dpo", "cdpo", "robust", "hinge", "rdpo", "dposhift", "dpop", "nca", "apozero", "apodown", "dponorm"}
+
+
 @st.composite
 def combos(draw):
     """(loss, balance, hyperparameters) of a valid random combination."""
     loss = draw(st.sampled_from(LOSS_NAMES))
     balance = draw(st.lists(st.sampled_from(sorted(BALANCERS)), unique=True, max_size=len(BALANCERS)))
+    if loss not in DYNBETA_LOSSES:  # spec section 10: refused for losses whose beta is not a scale
+        balance = [b for b in balance if b != "dynbeta"]
     hp: dict = {}
     if "ada" in balance:
         hp.update(_ada(draw, loss))

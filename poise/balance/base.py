@@ -15,6 +15,14 @@ lists, saved in checkpoints as it is), :meth:`Balancer.scales` reads it and neve
 calibration is a step of its own that returns a new state (:meth:`Balancer.calibrate`, fed a
 per-pair statistic of training pairs under the initial policy, and :meth:`Balancer.finish_calibration`
 when the run has fewer pairs than the balancer asked for). A stateless balancer's state is ``{}``.
+
+A balancer whose coefficients depend on the whole optimizer step (beta-DPO's batch-mean margin, over
+every micro-batch and rank) says so with :attr:`Balancer.needs_step_stats`; the trainer then reads a
+per-pair statistic of the step's pairs before the step (:meth:`Balancer.step_stat`, no gradient),
+gathers it over ranks, and calls :meth:`Balancer.begin_step` (a new state that the step's forward
+reads) and, after the update, :meth:`Balancer.end_step` (the state the next step starts from). Such a
+balancer may also keep only some pairs of the step (:meth:`Balancer.selection`): the loss then
+averages over those.
 """
 
 from __future__ import annotations
@@ -89,6 +97,30 @@ class Balancer:
         """Hyperparameters that calibration decided (e.g. ``{"gate_tau": 0.012}``), for the resolved
         config, the checkpoint and the model card; {} when there are none."""
         return {}
+
+    # -- per-step statistics (beta-DPO): read before the step, over all of its pairs -------------------
+    @property
+    def needs_step_stats(self) -> bool:
+        """Whether :meth:`begin_step` must see the step's pairs before the step's forward."""
+        return False
+
+    def step_stat(self, seq: PairSeq, rewards: tuple[Tensor, Tensor]) -> Tensor | None:
+        """(B,) the per-pair statistic that :meth:`begin_step` reads (detached), or None."""
+        return None
+
+    def begin_step(self, state: dict[str, Any], stat: Tensor) -> dict[str, Any]:
+        """The state the step's forward reads, from ``stat`` of every pair of the step (all ranks and
+        micro-batches, in the step's order). Returns a new state."""
+        return state
+
+    def end_step(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The state after the step's update (running statistics advanced). Returns a new state."""
+        return state
+
+    def selection(self, state: dict[str, Any]) -> tuple[list[int], int] | None:
+        """(positions, in the step's order, of the pairs the step's loss averages over; the step's number
+        of pairs), or None: every pair."""
+        return None
 
     def check_state(self, state: dict[str, Any]) -> None:
         """Raise ValueError when ``state`` was not made for this balancer."""

@@ -37,6 +37,9 @@ schedule, logging and checkpoints are untouched. Differences from TRL and from `
   in each checkpoint (``poise_objective.json``) and restored on resume, which skips the calibration.
 - **Normalisation**: the loss is the mean over the pairs of each micro-batch, as in TRL (batch-level
   NLL terms use the micro-batch's chosen tokens).
+- **beta-DPO** (``beta-dpo``, the ``dynbeta`` balancer) is refused: its beta follows the mean margin of
+  the whole optimizer step (every micro-batch and rank), which needs a pass over the step's pairs before
+  its first micro-batch, and TRL's training step has no such place. Train it with ``poise train``.
 - TRL's ``loss_type``, ``loss_weights``, ``label_smoothing``, ``ld_alpha``, ``use_weighting`` and
   ``f_divergence_type`` are not read: a value other than TRL's default is an error that names the
   poise way to get it. TRL still builds its reference model for reference-free methods (SimPO, CPO,
@@ -163,6 +166,11 @@ class DPOTrainer(trl.DPOTrainer):
         hp = poise_kwargs if poise_kwargs is not None else getattr(config, "poise_kwargs", None)
         _check_trl_settings(config, method)
         self.poise_objective = build_objective(method, hp, beta=getattr(config, "beta", None))
+        if self.poise_objective.needs_step_stats:
+            raise ConfigError(f"{self.poise_objective.name!r} (beta-DPO's dynbeta) adapts beta to the mean margin of "
+                              "the whole optimizer step, which needs a pass over the step's pairs (every micro-batch "
+                              "and process) before its forward; TRL's DPOTrainer has no such step. Train it with "
+                              "the poise trainer: `poise train configs/beta-dpo.yaml` (or poise.train).")
         self.poise_state = self.poise_objective.init_state()
         unknown = set(self.poise_objective.needs_stats) - {"sum_p2", "entropy"}
         if unknown:

@@ -4,9 +4,12 @@
                 ->  calibrate (a step of its own: balancers' state from training pairs, initial policy)
                 ->  for each optimizer step:
         the global batch (batch_size pairs, the same order on every rank) is cut into one slice per
-        rank and micro-batches per slice; each micro-batch's loss is normalised by the counts of the
-        WHOLE step (pairs, chosen tokens), so accumulation and data parallelism give the same gradient
-        as one big batch; clip, step, log, checkpoint.
+        rank and micro-batches per slice; an objective that reads a statistic of the whole step
+        (beta-DPO's mean margin) first scores the step's pairs without gradient (gathered over ranks)
+        and begins the step with it; each micro-batch's loss is normalised by the counts of the WHOLE
+        step (pairs, chosen tokens; the kept pairs when the step keeps only some), so accumulation and
+        data parallelism give the same gradient as one big batch; clip, step, end the step (the
+        objective's running statistics), log, checkpoint.
 """
 
 from __future__ import annotations
@@ -122,14 +125,23 @@ def train_step(run: RunState, idx: list[int]) -> dict[str, float]:
     t0 = time.perf_counter()
     mine = _rank_slice(idx, acc.process_index, acc.num_processes)
     micro = _micro_batches(mine, cfg.micro_batch_size)
-    n_tokens = task.norm_tokens(idx)  # every rank knows the whole step's counts: no communication
+    state = run.state
+    if task.needs_step_stats:  # a statistic of the whole step, before its forward (no gradient)
+        with acc.autocast():  # the training precision
+            stats = task.step_stats(run.module, mine, acc.device, cfg.micro_batch_size)
+        state = task.begin_step(state, stats, acc.gather if acc.num_processes > 1 else None)
+    sel = task.step_selection(state)  # (positions of the pairs the step's loss averages over, pairs); None: all
+    kept = idx if sel is None else [idx[p] for p in sel[0]]
+    n_tokens = task.norm_tokens(kept)  # every rank knows the whole step's counts: no communication
+    first = acc.process_index * (len(idx) // acc.num_processes)  # this rank's first position in the step
     metrics = MetricAccumulator()
     bad: list[int] = []
     for j, mb in enumerate(micro):
         sync = j == len(micro) - 1
+        pos = range(first + j * cfg.micro_batch_size, first + j * cfg.micro_batch_size + len(mb))
         with run.engine.accumulate(sync):  # gradients are reduced over ranks after the last micro-batch
-            loss, m, per_pair = task.loss(run.module, mb, acc.device, state=run.state, num_items=len(idx),
-                                         num_tokens=n_tokens)
+            loss, m, per_pair = task.loss(run.module, mb, acc.device, state=state, num_items=len(kept),
+                                         num_tokens=n_tokens, positions=pos)
             if per_pair is not None and not torch.isfinite(per_pair.detach()).all():
                 bad += [mb[i] for i in (~torch.isfinite(per_pair.detach())).nonzero().flatten().tolist()]
                 loss = loss * float("nan")  # a non-finite gradient: every engine skips this step's update
@@ -141,6 +153,7 @@ def train_step(run: RunState, idx: list[int]) -> dict[str, float]:
     if not math.isfinite(grad_norm) or skip:
         return {"nonfinite": 1.0, "nonfinite_pairs": bad}
     run.scheduler.step()
+    run.state = task.end_step(state)  # a skipped step leaves the state as it was
     out = metrics.reduce(acc)
     dt = time.perf_counter() - t0
     out.update({"grad_norm": grad_norm, "learning_rate": run.scheduler.get_last_lr()[0],

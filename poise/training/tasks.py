@@ -2,9 +2,9 @@
 
 A task owns its items (pairs or sequences), collates them, counts the tokens that normalise its
 batch-level terms, and turns the policy's per-token log-probs into a loss. It also owns the explicit
-state of what it trains (the balancers' state: Gate-DPO's calibrated threshold) and its calibration
-step. The trainer's loop is the same for both kinds; it never looks at a loss name, nor at whether a
-task has an objective.
+state of what it trains (the balancers' state: Gate-DPO's calibrated threshold, beta-DPO's running
+margin) with its calibration step and its per-step statistics. The trainer's loop is the same for both
+kinds; it never looks at a loss name, nor at whether a task has an objective.
 """
 
 from __future__ import annotations
@@ -101,12 +101,12 @@ class PreferenceTask:
         return out, None
 
     def loss(self, module, idx: Sequence[int], device, *, state: dict[str, Any], num_items: int,
-             num_tokens: int):
+             num_tokens: int, positions: Sequence[int] | None = None):
         batch = self.collate(idx).to(device)
         pol = run_policy(module, batch)
         ref_out, ref_sums = self.reference(idx, batch, device)
         pl = pair_logps(pol, ref_out, ref_sums=ref_sums)
-        out = self.objective(pl, state, num_pairs=num_items, num_chosen_tokens=num_tokens)
+        out = self.objective(pl, state, num_pairs=num_items, num_chosen_tokens=num_tokens, positions=positions)
         metrics = out.metrics
         if self.diagnostics and torch.is_grad_enabled():
             metrics = {**metrics, **step_metrics(pl, out.loss, self.objective)}
@@ -153,6 +153,33 @@ class PreferenceTask:
     def check_state(self, state: dict[str, Any]) -> None:
         self.objective.check_state(state)
 
+    # -- per-step statistics: read over the step's pairs before its forward (beta-DPO's mean margin) -----
+    @property
+    def needs_step_stats(self) -> bool:
+        return self.objective.needs_step_stats
+
+    def step_stats(self, module, idx: Sequence[int], device, micro_batch_size: int) -> dict[str, torch.Tensor]:
+        """Per-pair step statistics of these pairs under the current policy (no gradient), in the order of
+        ``idx``, micro-batch by micro-batch (the policy's log-probs and the reference's sums)."""
+        parts: list[dict[str, torch.Tensor]] = []
+        with torch.no_grad():
+            for i in range(0, len(idx), micro_batch_size):
+                mb = idx[i:i + micro_batch_size]
+                batch = self.collate(mb).to(device)
+                ref_out, ref_sums = self.reference(mb, batch, device)
+                parts.append(self.objective.step_stats(pair_logps(run_policy(module, batch), ref_out,
+                                                                  ref_sums=ref_sums)))
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
+
+    def begin_step(self, state: dict[str, Any], stats: dict[str, torch.Tensor], gather=None) -> dict[str, Any]:
+        return self.objective.begin_step(state, stats, gather=gather)
+
+    def end_step(self, state: dict[str, Any]) -> dict[str, Any]:
+        return self.objective.end_step(state)
+
+    def step_selection(self, state: dict[str, Any]) -> tuple[list[int], int] | None:
+        return self.objective.selection(state)
+
 
 @dataclass
 class SFTTask:
@@ -189,8 +216,16 @@ class SFTTask:
         if state:
             raise ValueError(f"an SFT stage keeps no state but got {sorted(state)}")
 
+    needs_step_stats = False
+
+    def end_step(self, state: dict[str, Any]) -> dict[str, Any]:
+        return state
+
+    def step_selection(self, state: dict[str, Any]) -> tuple[list[int], int] | None:
+        return None
+
     def loss(self, module, idx: Sequence[int], device, *, state: dict[str, Any], num_items: int,
-             num_tokens: int):
+             num_tokens: int, positions: Sequence[int] | None = None):
         batch = collate_sequences([self.seqs[i] for i in idx], self.pad_token_id).to(device)
         pol = run_policy(module, batch)
         nll = -pol.logps.sum()  # logps are 0 off the completion tokens

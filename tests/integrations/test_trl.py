@@ -167,6 +167,13 @@ def test_settings_poise_would_ignore_are_errors(tiny, tmp_path):
         _trainer(tiny, tmp_path, poise_method="adadpo", poise_kwargs={"gate_tau": 0.1})
 
 
+def test_beta_dpo_is_refused_with_the_poise_trainer_named(tiny, tmp_path):
+    """beta-DPO's beta follows the whole step's mean margin: TRL's step has no pre-pass for it."""
+    for kw in ({"poise_method": "beta-dpo"}, {"poise_method": "dpo", "poise_kwargs": {"balance": ["dynbeta"]}}):
+        with pytest.raises(ConfigError, match="whole optimizer step.*poise train configs/beta-dpo.yaml"):
+            _trainer(tiny, tmp_path, **kw)
+
+
 def test_method_and_hyperparameters_resolution(tiny, tmp_path):
     """Default adadpo with TRL's beta; the trainer's keywords win over the config's fields; balancers
     compose with a base loss; JSON strings (TRL's CLI) are accepted."""
