@@ -237,7 +237,7 @@ def _after_step(run: RunState, step: int, metrics: dict[str, float], logger: Run
     cfg, sched = run.cfg, run.schedule
     if step == 1 and run.accelerator.num_processes > 1:
         run.check_replicas_agree()
-    if (cfg.diagnostics_steps and step % cfg.diagnostics_steps == 0) or step == sched.total:
+    if (cfg.diagnostics_steps and step % cfg.diagnostics_steps == 0 and run.probe_due()) or step == sched.total:
         metrics.update(run.probe_metrics())
     if step % cfg.logging_steps == 0 or step == sched.total:
         logger.write(step, {"epoch": step / sched.per_epoch, **metrics})
