@@ -15,7 +15,8 @@ log-ratio margin).
 
 Optional data filter ``dynbeta_keep`` rho < 1: round(rho*B) pairs of the step's B are kept (rounded
 half up, at least 1), drawn without replacement with weights exp(-(M_i - M0)^2 / (2 s^2)), s the
-step's (population) standard deviation of M (equal weights when s = 0), by the Gumbel-top-k draw
+step's (population) standard deviation of M (equal weights when s <= 1e-4, the level of float rounding:
+at the first step every margin is 0 in exact arithmetic), by the Gumbel-top-k draw
 (exactly sequential weighted sampling without replacement, in log space so no weight underflows),
 from a generator seeded by the state; the loss averages over the kept pairs.
 
@@ -77,12 +78,18 @@ def keep_count(rho: float, n: int) -> int:
     return min(n, max(1, math.floor(rho * n + 0.5)))
 
 
+#: Margin spreads up to this (nats x beta) count as 0 (equal weights): float rounding, not data.
+SPREAD_FLOOR = 1e-4
+
+
 def draw_kept(margins: Tensor, m0: float, k: int, seed: int) -> tuple[list[int], int]:
     """k positions drawn without replacement with weights exp(-(M_i - m0)^2/(2 s^2)) (Gumbel-top-k on
     the log-weights), sorted, and the seed of the next draw."""
     M = margins.detach().double().cpu().flatten()
     s = float(M.std(unbiased=False)) if M.numel() > 1 else 0.0
-    logw = -(M - m0) ** 2 / (2 * s * s) if s > 0 else torch.zeros_like(M)
+    # a spread at the level of float rounding is none: at the first step every margin is 0 in exact
+    # arithmetic (policy = reference) and the draw must not depend on how the batch was cut
+    logw = -(M - m0) ** 2 / (2 * s * s) if s > SPREAD_FLOOR else torch.zeros_like(M)
     g = torch.Generator().manual_seed(int(seed))
     u = torch.rand(M.numel(), generator=g, dtype=torch.float64)
     keys = logw - torch.log(-torch.log(u))

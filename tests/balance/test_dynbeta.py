@@ -298,3 +298,14 @@ def test_single_draw_follows_the_gaussian_weights():
     # equal margins (s = 0): equal weights
     counts = Counter(draw_kept(torch.zeros(4, dtype=D), 0.0, 1, seed)[0][0] for seed in range(2000))
     assert min(counts.values()) > 400
+
+
+def test_float_noise_in_the_margins_does_not_decide_the_draw():
+    """At the first step every margin is 0 in exact arithmetic; rounding noise (which depends on how the
+    batch was cut into micro-batches) must draw the same pairs as exact zeros."""
+    from poise.balance.dynbeta import draw_kept
+
+    exact = draw_kept(torch.zeros(8, dtype=torch.float64), 0.0, 4, seed=7)
+    for noise_seed in range(5):
+        noise = torch.randn(8, generator=torch.Generator().manual_seed(noise_seed), dtype=torch.float64) * 1e-7
+        assert draw_kept(noise, 0.0, 4, seed=7) == exact

@@ -12,7 +12,9 @@ evaluation of 9 pairs (uneven over 2 ranks) every 2 steps, a checkpoint every 2.
 * ``gate-dpo``: the calibration, gathered over the ranks' slices;
 * ``adadpo-lora``: AdaDPO with LoRA and gradient checkpointing;
 * ``balanced-ref``: Balanced-DPO with a separate ``reference_model``, live;
-* ``sft``: the SFT stage.
+* ``sft``: the SFT stage;
+* ``beta-dpo``: a statistic of the whole step (the mean margin, gathered over ranks before the step)
+  and its margin filter (the kept pairs drawn from the state's generator, the same on every rank).
 """
 
 import json
@@ -43,6 +45,7 @@ CASES = {
     "adadpo-lora": dict(method="adadpo", lora_r=4, lora_alpha=8, gradient_checkpointing=True, max_grad_norm=0.1),
     "balanced-ref": dict(method="balanced-dpo", reference_model="REF", precompute_reference=False),
     "sft": dict(stage="sft", eval_file=None),
+    "beta-dpo": dict(method="beta-dpo", dynbeta_keep=0.5),
 }
 ENGINES = {
     "ddp": dict(distributed="ddp"),
