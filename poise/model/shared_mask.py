@@ -60,7 +60,8 @@ def shared_prefix_reason(model: nn.Module) -> str | None:
 
 
 def attention_mask_4d(segments: Tensor, implementation: str, dtype: torch.dtype) -> Tensor:
-    """(B, 1, L, L) mask: query q sees key k <= q of the prompt or of q's own segment.
+    """(B, 1, L, L) mask: query q sees key k <= q of its own pair's prompt or of q's own segment
+    (``segments`` = 3 * slot + kind, several pairs per row when packed).
 
     Boolean (True = attend) for sdpa; additive float (0 or the dtype's minimum) for eager. Padding
     queries see themselves (and earlier padding), so no softmax row is empty.
@@ -68,8 +69,12 @@ def attention_mask_4d(segments: Tensor, implementation: str, dtype: torch.dtype)
     length = segments.shape[1]
     pos = torch.arange(length, device=segments.device)
     causal = pos[None, :] <= pos[:, None]  # (L, L): key <= query
+    segments = segments.long()
     seg_q, seg_k = segments[:, :, None], segments[:, None, :]
-    allowed = causal[None] & ((seg_k == PROMPT) | (seg_k == seg_q))  # (B, L, L)
+    pair_q, pair_k = torch.div(seg_q, 3, rounding_mode="floor"), torch.div(seg_k, 3, rounding_mode="floor")
+    kind_k = seg_k - 3 * pair_k  # PAD (-1): pair -1, kind 2
+    # the same pair (a packed row holds several), and the key in the prompt or in the query's own segment
+    allowed = causal[None] & (pair_q == pair_k) & ((kind_k == PROMPT) | (seg_k == seg_q))  # (B, L, L)
     allowed = allowed[:, None]
     if implementation == "eager":
         return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(

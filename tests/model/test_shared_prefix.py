@@ -38,7 +38,7 @@ def _pairs(seed=3, shapes=((3, 4, 2), (1, 2, 5), (5, 1, 1), (2, 6, 3))):
 
 def test_attention_mask_by_hand():
     """prompt p0 p1, chosen c0, rejected r0 r1, one pad: rejected sees the prompt and itself only."""
-    seg = torch.tensor([[PROMPT, PROMPT, CHOSEN, REJECTED, REJECTED, PAD]], dtype=torch.int8)
+    seg = torch.tensor([[PROMPT, PROMPT, CHOSEN, REJECTED, REJECTED, PAD]], dtype=torch.int16)
     m = attention_mask_4d(seg, "sdpa", torch.float32)[0, 0].int().tolist()
     assert m == [
         [1, 0, 0, 0, 0, 0],  # p0
@@ -46,7 +46,7 @@ def test_attention_mask_by_hand():
         [1, 1, 1, 0, 0, 0],  # c0
         [1, 1, 0, 1, 0, 0],  # r0: not c0
         [1, 1, 0, 1, 1, 0],  # r1
-        [1, 1, 0, 0, 0, 1],  # pad: itself (and the prompt), never an empty row
+        [0, 0, 0, 0, 0, 1],  # pad: itself (and earlier padding), never an empty row
     ]
     eager = attention_mask_4d(seg, "eager", torch.float32)[0, 0]
     assert torch.equal(eager == 0, torch.tensor(m, dtype=torch.bool))
@@ -141,3 +141,42 @@ def test_peft_lora_model_qualifies_and_matches():
                                                           init_lora_weights=False))
     assert shared_prefix_reason(model) is None
     assert verify_shared_prefix(model, _pairs(), 0) < 1e-5
+
+
+PACKING = ((2, 2, 2), (1, 1, 1), (3, 4, 2), (1, 1, 2), (2, 3, 2))  # 6, 3, 9, 4, 7 tokens: width 9
+
+
+def test_short_pairs_share_a_row_and_see_only_their_own_pair():
+    from poise.data.shared import REJECTED as R
+
+    batch = collate_shared(_pairs(shapes=PACKING), 0)
+    assert batch.input_ids.shape == (4, 9) and batch.num_pairs == 5  # pairs 0 (6) and 1 (3) share row 0
+    assert batch.segments[0].tolist() == [0, 0, 1, 1, 2, 2, 3, 4, 5]
+    assert batch.position_ids[0].tolist() == [0, 1, 2, 3, 2, 3, 0, 1, 1]  # positions restart per pair
+    assert int(batch.attention_mask.sum()) == 6 + 3 + 9 + 4 + 7
+    m = attention_mask_4d(batch.segments[:1], "sdpa", torch.float32)[0, 0].int()
+    assert m[6].tolist() == [0] * 6 + [1, 0, 0]  # pair 1's prompt sees nothing of pair 0
+    assert m[8].tolist() == [0] * 6 + [1, 0, 1]  # pair 1's rejected: its prompt and itself, not its chosen
+    assert R == 2 and m[4].tolist() == [1, 1, 0, 0, 1, 0, 0, 0, 0]
+    unpacked = collate_shared(_pairs(shapes=PACKING), 0, pack=False)
+    assert unpacked.input_ids.shape == (5, 9)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_rows_give_the_separate_layouts_logps_and_gradients(attn):
+    model, pairs = _llama(attn), _pairs(shapes=PACKING)
+
+    def run(batch):
+        model.zero_grad(set_to_none=True)
+        out = batch_logps(model, batch, stats=STAT_NAMES, chunk_size=5)
+        w = torch.arange(1, out.mask.sum() + 1, dtype=torch.float32).cos()
+        (out.logps[out.mask] * w).sum().backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    (sep, g_sep), (sh, g_sh) = run(collate_pairs(pairs, 0)), run(collate_shared(pairs, 0))
+    assert collate_shared(pairs, 0).input_ids.shape[0] < len(pairs)  # packed
+    torch.testing.assert_close(sh.logps[sh.mask], sep.logps[sep.mask], atol=2e-6, rtol=2e-6)
+    for name in STAT_NAMES:
+        torch.testing.assert_close(sh.stats[name][sh.mask], sep.stats[name][sep.mask], atol=2e-6, rtol=2e-6)
+    for name in g_sep:
+        torch.testing.assert_close(g_sh[name], g_sep[name], atol=1e-5, rtol=1e-4, msg=name)
