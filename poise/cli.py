@@ -123,10 +123,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a finished run: held-out metrics, KL, generations, gold scores (eval.json)."""
     import json
 
-    from poise.eval.run import evaluate_run
+    from poise.errors import ConfigError
+    from poise.eval.run import evaluate_prompts, evaluate_run
 
-    result = evaluate_run(args.run, eval_file=args.eval_file, num_prompts=args.prompts,
-                          max_new_tokens=args.max_new_tokens, gold=args.gold, seed=args.seed)
+    if args.prompts_file or args.reward or args.baseline:
+        if not (args.prompts_file and args.reward):
+            raise ConfigError("poise eval: --prompts-file and --reward go together (and --baseline with them): "
+                              "the prompts to generate for and the reward that scores the replies.")
+        result = evaluate_prompts(args.run, args.prompts_file, args.reward, baseline=args.baseline,
+                                  num_prompts=args.prompts, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                  on_bad_row=args.on_bad_row)
+    else:
+        result = evaluate_run(args.run, eval_file=args.eval_file, num_prompts=args.prompts,
+                              max_new_tokens=args.max_new_tokens, gold=args.gold, seed=args.seed)
     print(json.dumps(result, indent=1))
     return 0
 
@@ -221,6 +230,17 @@ def _quickstart_args(p: argparse.ArgumentParser) -> None:
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="a run folder written by poise train")
+    p.add_argument("--prompts-file", default=None,
+                   help="prompts to generate for (any data format: {prompt} text or messages, {messages}, "
+                        "preference rows), scored with --reward against --baseline: eval_prompts.json")
+    p.add_argument("--reward", default=None,
+                   help="with --prompts-file: testbed, instruct, module:function, path/file.py:function "
+                        "(prompt, response) -> float, or rm:FOLDER (a local sequence-classification reward model)")
+    p.add_argument("--baseline", default=None,
+                   help="with --prompts-file: the model to compare with (a model folder or a run folder; default "
+                        "the run's reference model)")
+    p.add_argument("--on-bad-row", default="error", choices=["error", "skip"],
+                   help="a row the reward fails on: stop naming it (error) or leave it out (skip)")
     p.add_argument("--eval-file", default=None, help="held-out pairs (default: the run's eval_file)")
     p.add_argument("--prompts", type=int, default=64, help="held-out prompts to generate for")
     p.add_argument("--max-new-tokens", type=int, default=128)

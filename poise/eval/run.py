@@ -27,7 +27,7 @@ import torch
 
 from poise import fsutil
 from poise.data import TokenizedPair, collate_sequences, load_rows, tokenize_rows
-from poise.errors import ConfigError
+from poise.errors import ConfigError, DataError
 from poise.model.generate import generate_ids
 from poise.model.load import load_model, load_tokenizer
 from poise.model.logprobs import batch_logps
@@ -182,3 +182,76 @@ def _write(path: Path, text: str) -> None:
     except OSError as e:
         raise fsutil.write_error("the evaluation output", path, e, kept="The previous file (if any) is kept.",
                                  then="run `poise eval` again") from e
+
+
+# -- a prompt file scored with any reward (poise/eval/rewards.py) -------------------------------------------
+
+
+def render_prompt(data: dict, tokenizer, *, where: str) -> str:
+    """The prompt of a row of a prompt file, as text for generation: ``{prompt}`` (a string, or messages),
+    ``{messages}`` (a final assistant message is dropped), or a preference row (its prompt). A string is
+    rendered with the chat template when the tokenizer has one (as an instruct model is asked); messages
+    need one."""
+    from poise.data.formats import _apply
+
+    value = data.get("prompt", data.get("messages"))
+    if isinstance(value, list):
+        messages = value[:-1] if value and isinstance(value[-1], dict) and value[-1].get("role") == "assistant" \
+            else value
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError(f"{where}: the prompt is a list of messages but the tokenizer has no chat template.")
+        return _apply(tokenizer, messages, "prompt", add_generation_prompt=True)
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{where}: a prompt row needs a 'prompt' (text or messages) or 'messages'; found "
+                        f"{', '.join(map(repr, data)) or 'no fields'}.")
+    if getattr(tokenizer, "chat_template", None):
+        return _apply(tokenizer, [{"role": "user", "content": value}], "prompt", add_generation_prompt=True)
+    return value
+
+
+def evaluate_prompts(run_dir: str | Path, prompts_file: str, reward: str, *, baseline: str | None = None,
+                     num_prompts: int = 64, max_new_tokens: int = 128, seed: int = 0,
+                     on_bad_row: str = "error") -> dict[str, Any]:
+    """Generate for the prompts of ``prompts_file`` with the run's model and a baseline (a model folder or
+    a run folder; default the run's reference model), score both with ``reward``
+    (:func:`poise.eval.rewards.load_reward`), and compare: mean rewards, win rate and length-controlled win
+    rate (:func:`poise.testbed.evaluate.compare`, AlpacaEval 2's regression on the length difference).
+    Writes ``eval_prompts.json`` and ``generations_prompts.jsonl`` in the run folder."""
+    from poise.eval.rewards import load_reward, score_all
+    from poise.testbed.evaluate import compare
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "model").is_dir():
+        raise ConfigError(f"{run_dir} is not a finished poise run (needs config.yaml and model/).")
+    cfg = load_config(run_dir / "config.yaml")
+    scorer = load_reward(reward)  # a bad reward is refused before any model loads
+    rows = load_rows(prompts_file, required=())[:num_prompts]
+    tokenizer = load_tokenizer(str(run_dir / "model"))
+    texts = [render_prompt(r.data, tokenizer, where=r.where) for r in rows]
+    base = baseline or cfg.reference_model or cfg.model
+    if (Path(base) / "model" / "config.json").is_file():  # a run folder: its final model
+        base = str(Path(base) / "model")
+    policy = load_model(str(run_dir / "model"))
+    other = load_model(base, gguf_file=None if baseline or cfg.reference_model else cfg.gguf_file, key="baseline")
+    kw = dict(max_new_tokens=max_new_tokens, seed=seed)
+    out_a = [tokenizer.decode(c, skip_special_tokens=True) for c in generate_ids(policy, tokenizer, texts, **kw)]
+    out_b = [tokenizer.decode(c, skip_special_tokens=True) for c in generate_ids(other, tokenizer, texts, **kw)]
+    where = [r.where for r in rows]
+    ga, skip_a = score_all(scorer, texts, out_a, on_bad_row=on_bad_row, where=where)
+    gb, skip_b = score_all(scorer, texts, out_b, on_bad_row=on_bad_row, where=where)
+    keep = [i for i in range(len(texts)) if ga[i] is not None and gb[i] is not None]
+    if not keep:
+        raise DataError(f"{prompts_file}: the reward {reward!r} scored no prompt on both sides.")
+    diff = [len(out_a[i].split()) - len(out_b[i].split()) for i in keep]
+    result: dict[str, Any] = {"run": str(run_dir), "method": cfg.method, "reward": reward, "baseline": base,
+                              "prompts": len(texts), "scored": len(keep), "skipped": len(texts) - len(keep),
+                              "reward_mean": sum(ga[i] for i in keep) / len(keep),
+                              "baseline_reward_mean": sum(gb[i] for i in keep) / len(keep),
+                              "mean_length": sum(len(out_a[i].split()) for i in keep) / len(keep),
+                              "baseline_mean_length": sum(len(out_b[i].split()) for i in keep) / len(keep)}
+    result.update(compare([ga[i] for i in keep], [gb[i] for i in keep], diff))
+    lines = [json.dumps({"instruction": t, "output": a, "reward": sa, "baseline_output": b, "baseline_reward": sb})
+             + "\n" for t, a, b, sa, sb in zip(texts, out_a, out_b, ga, gb)]
+    _write(run_dir / "generations_prompts.jsonl", "".join(lines))
+    _write(run_dir / "eval_prompts.json", json.dumps(result, indent=1))
+    return result

@@ -80,8 +80,14 @@ def win_rate(prompts: Sequence[str], responses_a: Sequence[str], responses_b: Se
         raise ValueError("win_rate needs at least one prompt")
     ga = np.array([reward(p, r) for p, r in zip(prompts, responses_a)])
     gb = np.array([reward(p, r) for p, r in zip(prompts, responses_b)])
-    outcome = np.where(ga > gb, 1.0, np.where(ga < gb, 0.0, 0.5))
     diff = np.array([len(a.split()) - len(b.split()) for a, b in zip(responses_a, responses_b)], float)
+    return compare(ga, gb, diff)
+
+
+def compare(ga: Any, gb: Any, diff: Any) -> dict[str, float]:
+    """:func:`win_rate` from the rewards of both sides and the length differences (any reward)."""
+    ga, gb, diff = np.asarray(ga, float), np.asarray(gb, float), np.asarray(diff, float)
+    outcome = np.where(ga > gb, 1.0, np.where(ga < gb, 0.0, 0.5))
     raw = float(outcome.mean())
     spread = float(diff.std())
     if spread == 0.0:
@@ -90,7 +96,7 @@ def win_rate(prompts: Sequence[str], responses_a: Sequence[str], responses_b: Se
         theta = fit_logistic(np.tanh(diff / spread), outcome, l2=LC_L2)
         lc, coef = float(_sigmoid(theta[0])), float(theta[1])
     return {"win_rate": raw, "lc_win_rate": lc, "length_coef": coef, "ties": float(np.mean(outcome == 0.5)),
-            "length_diff": float(diff.mean()), "n": float(len(prompts))}
+            "length_diff": float(diff.mean()), "n": float(len(outcome))}
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, *, l2: float = LC_L2, steps: int = 100) -> np.ndarray:
