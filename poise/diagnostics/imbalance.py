@@ -28,6 +28,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from poise.data import TokenizedPair, collate_pairs, collate_sequences
 from poise.model.logprobs import batch_logps, pair_logps
@@ -121,10 +122,16 @@ class Probe:
                 *, grads: bool = True) -> dict[str, float]:
         """Every probe figure (the parameter-space ones only with ``grads``)."""
         names = {"entropy", "max_p"} | (set(objective.needs_stats) if grads else set())
-        out = self._forward(model, device, sorted(names))
-        res = self._logp_metrics(model, device, out)
-        if grads:
-            res.update(self._param_grads(model, objective, state, trainable, device, ref_sums, out))
+        chunks = -(-len(self.pairs) // self.micro_batch_size)
+        with tqdm(total=2 + (2 * chunks if grads else 0), desc="probes", unit="pass", leave=False,
+                  dynamic_ncols=True) as self._bar:
+            out = self._forward(model, device, sorted(names))
+            self._bar.update(1)
+            res = self._logp_metrics(model, device, out)
+            self._bar.update(1)
+            if grads:
+                res.update(self._param_grads(model, objective, state, trainable, device, ref_sums, out))
+        self._bar = None
         return res
 
     def param_grads(self, model, objective, state: dict, trainable: list, device,
@@ -163,4 +170,6 @@ class Probe:
             for t, gp in zip(total, gs):
                 if gp is not None:
                     t.add_(gp.float())
+            if getattr(self, "_bar", None) is not None:
+                self._bar.update(1)
         return torch.cat([t.flatten() for t in total])

@@ -171,7 +171,9 @@ class RunState:
         # collective): a rank with fewer scores pair 0 instead and counts it with weight 0.
         batches = [list(range(i, min(i + size, len(task)))) for i in range(0, len(task), size)]
         mine = batches[self.accelerator.process_index::world]
-        for j in range(-(-len(batches) // world)):
+        rounds = -(-len(batches) // world)
+        for j in tqdm(range(rounds), desc="eval", unit="batch", leave=False, dynamic_ncols=True,
+                      disable=not self.accelerator.is_main_process or rounds < 2):
             mb = mine[j] if j < len(mine) else []
             work = mb or [0]
             with self.accelerator.autocast():
@@ -184,6 +186,8 @@ class RunState:
     def save_final_model(self) -> Path:
         """The trained model in Hugging Face format (safetensors), LoRA merged, with its tokenizer."""
         out = self.run_dir / "model"
+        if self.accelerator.is_main_process:
+            log.info("saving the model to %s", out)
         self.accelerator.wait_for_everyone()
         with self.engine.full_model() as model:  # gathered onto the main process when sharded
             if model is not None:
@@ -256,6 +260,7 @@ def _prepare_run_dir(cfg: TrainConfig) -> Path:
 
 
 def _model(cfg: TrainConfig, tokenizer, texts, device):
+    log.info("loading the model %s%s", cfg.model, f" ({cfg.gguf_file})" if cfg.gguf_file else "")
     model = load_model(cfg.model, gguf_file=cfg.gguf_file, dtype=cfg.dtype, device=device,
                        trust_remote_code=cfg.trust_remote_code)
     folder, _ = resolve_source(cfg.tokenizer or cfg.model, cfg.gguf_file, key="tokenizer" if cfg.tokenizer else "model")
@@ -278,6 +283,7 @@ def _load_reference(cfg: TrainConfig, tokenizer, device):
     with the policy's before any model loaded (preflight); its embedding must hold every token id."""
     if cfg.reference_model is None:
         return None
+    log.info("loading the reference model %s", cfg.reference_model)
     ref = load_model(cfg.reference_model, dtype=cfg.dtype, device=device, trust_remote_code=cfg.trust_remote_code,
                      key="reference_model")
     check_vocabulary_fits(tokenizer, ref.get_input_embeddings().weight.shape[0], key="reference_model",
