@@ -228,19 +228,82 @@ def comparison_table(runs: Sequence[Run]) -> str:
 GRID_METRICS = (("gold_reward", "gold reward"), ("lc_win_rate", "LC win rate"))
 
 
-def _entrants(runs: Sequence[Run]) -> dict[str, dict[str, Run]]:
-    """cell -> entrant -> run. The entrant is the method, or the run's name for a method with several
-    runs in one cell."""
-    seen: dict[tuple[str, str], int] = defaultdict(int)
+#: Two-sided 95% quantiles of Student's t by degrees of freedom (1.96 beyond the table).
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def t975(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (the next tabulated df below)."""
+    if df < 1:
+        return float("nan")
+    return _T975[max(k for k in _T975 if k <= df)] if df <= 30 else 1.96
+
+
+def mean_ci(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, half-width of its 95% t-interval); the half-width is nan for a single value."""
+    n = len(values)
+    m = sum(values) / n
+    if n < 2:
+        return m, float("nan")
+    sd = (sum((v - m) ** 2 for v in values) / (n - 1)) ** 0.5
+    return m, t975(n - 1) * sd / n ** 0.5
+
+
+@dataclass
+class Seeds:
+    """The runs of one method in one grid cell over several seeds (``seed`` in eval.json): scores are
+    their means; :meth:`ci` the 95% interval over seeds."""
+
+    runs: dict[Any, Run]
+
+    @property
+    def method(self) -> str:
+        return next(iter(self.runs.values())).method
+
+    def values(self, key: str) -> dict[Any, float]:
+        return {s: v for s, r in self.runs.items() if (v := r.score(key)) is not None}
+
+    def score(self, key: str) -> float | None:
+        v = list(self.values(key).values())
+        return sum(v) / len(v) if v else None
+
+    def ci(self, key: str) -> tuple[float, float] | None:
+        v = list(self.values(key).values())
+        return mean_ci(v) if v else None
+
+
+def _entrants(runs: Sequence[Run]) -> dict[str, dict[str, Run | Seeds]]:
+    """cell -> entrant -> run, or the :class:`Seeds` of a method run with several seeds. The entrant is
+    the method, or the run's name for a method with several (non-seed) runs in one cell."""
+    groups: dict[tuple[str, str], list[Run]] = defaultdict(list)
     for r in runs:
         if r.cell is not None:
-            seen[(r.cell, r.method)] += 1
-    split = {m for (_, m), n in seen.items() if n > 1}
-    cells: dict[str, dict[str, Run]] = defaultdict(dict)
-    for r in runs:
-        if r.cell is not None:
-            cells[r.cell][r.name or r.label if r.method in split else r.method] = r
+            groups[(r.cell, r.method)].append(r)
+    cells: dict[str, dict[str, Run | Seeds]] = defaultdict(dict)
+    for (cell, method), members in groups.items():
+        seeds = [r.eval.get("seed") for r in members]
+        if len(members) > 1 and None not in seeds and len(set(map(str, seeds))) == len(members):
+            cells[cell][method] = Seeds({r.eval.get("seed"): r for r in members})
+        elif len(members) > 1:
+            for r in members:
+                cells[cell][r.name or r.label] = r
+        else:
+            cells[cell][method] = members[0]
     return dict(sorted(cells.items()))
+
+
+def paired_difference(a: Run | Seeds, b: Run | Seeds, key: str) -> tuple[float, float, int] | None:
+    """Mean and 95% half-width of ``a - b`` over the seeds both have (paired by seed); None unless both
+    are :class:`Seeds` with at least two seeds in common."""
+    if not isinstance(a, Seeds) or not isinstance(b, Seeds):
+        return None
+    va, vb = a.values(key), b.values(key)
+    common = [s for s in va if s in vb]
+    if len(common) < 2:
+        return None
+    m, h = mean_ci([va[s] - vb[s] for s in common])
+    return m, h, len(common)
 
 
 def _winners(entrants: dict[str, Run], key: str) -> tuple[list[str], float | None]:
@@ -251,8 +314,11 @@ def _winners(entrants: dict[str, Run], key: str) -> tuple[list[str], float | Non
     return sorted(n for n, v in scores.items() if v == best), best
 
 
-def beats_counts(runs: Sequence[Run], baseline: str = "dpo") -> dict[tuple[str, str], tuple[int, int]]:
-    """(entrant, eval key) -> (cells where it strictly beats ``baseline``, cells where both have a score)."""
+def beats_counts(runs: Sequence[Run], baseline: str = "dpo",
+                 significant: bool = False) -> dict[tuple[str, str], tuple[int, int]]:
+    """(entrant, eval key) -> (cells where it strictly beats ``baseline``, cells where both have a score).
+    ``significant``: count only cells where the 95% interval of the seed-paired difference lies above 0
+    (cells with fewer than two common seeds count as not significant)."""
     counts: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
     for entrants in _entrants(runs).values():
         base = entrants.get(baseline)
@@ -262,18 +328,53 @@ def beats_counts(runs: Sequence[Run], baseline: str = "dpo") -> dict[tuple[str, 
             for key, _ in GRID_METRICS:
                 a, b = run.score(key), base.score(key)
                 if a is not None and b is not None:
-                    counts[(name, key)][0] += a > b
+                    if significant:
+                        d = paired_difference(run, base, key)
+                        counts[(name, key)][0] += d is not None and d[0] - d[1] > 0
+                    else:
+                        counts[(name, key)][0] += a > b
                     counts[(name, key)][1] += 1
     return {k: (v[0], v[1]) for k, v in sorted(counts.items())}
 
 
 def beats_sentences(runs: Sequence[Run], baseline: str = "dpo") -> list[str]:
-    """Lines like "adadpo beats dpo on LC win rate in 13 of 16 cells"."""
+    """Lines like "adadpo beats dpo on LC win rate in 13 of 16 cells (significantly in 4)"; the
+    significance part when the runs have several seeds."""
     titles = dict(GRID_METRICS)
+    seeded = any(isinstance(e, Seeds) for c in _entrants(runs).values() for e in c.values())
+    sig = beats_counts(runs, baseline, significant=True) if seeded else {}
     out = []
     for (name, key), (k, n) in beats_counts(runs, baseline).items():
-        out.append(f"{name} beats {baseline} on {titles[key]} in {k} of {n} cell{'s' if n != 1 else ''}")
+        extra = f" (significantly, 95% over seeds: in {sig[(name, key)][0]})" if (name, key) in sig else ""
+        out.append(f"{name} beats {baseline} on {titles[key]} in {k} of {n} cell{'s' if n != 1 else ''}{extra}")
     return out
+
+
+def seeds_table(runs: Sequence[Run], baseline: str = "dpo") -> str | None:
+    """Per cell and method run with several seeds: each grid metric as mean +- the 95% half-width over
+    seeds, and the seed-paired difference to ``baseline`` with * where its interval excludes 0."""
+    rows = []
+    for cell, entrants in _entrants(runs).items():
+        base = entrants.get(baseline)
+        for name, e in sorted(entrants.items()):
+            if not isinstance(e, Seeds):
+                continue
+            row = [cell, name, str(len(e.runs))]
+            for key, _ in GRID_METRICS:
+                ci = e.ci(key)
+                row.append("-" if ci is None else f"{fmt(ci[0])} ± {fmt(ci[1]) if ci[1] == ci[1] else '-'}")
+                d = paired_difference(e, base, key) if base is not None and name != baseline else None
+                row.append("-" if d is None else
+                           f"{fmt(d[0], signed=True)} ± {fmt(d[1])}{' *' if abs(d[0]) > d[1] else ''}")
+            rows.append(row)
+    if not rows:
+        return None
+    header = ["cell", "method", "seeds"]
+    for _, title in GRID_METRICS:
+        header += [f"{title} (mean ± 95%)", f"− {baseline} (paired)"]
+    return _markdown(header, rows) + ("\n\n± is the half-width of the 95% t-interval over seeds; the paired "
+                                      f"column is the mean over seeds of (method − {baseline}) with its interval, "
+                                      "* where it excludes 0.")
 
 
 def grid_table(runs: Sequence[Run], baseline: str = "dpo") -> str:
@@ -385,6 +486,9 @@ def build_report(runs: Sequence[Run], baseline: str = "dpo") -> str:
               "grad ratio: mean of diag/logit_grad_ratio, rejected over chosen.", ""]
     if any(r.cell is not None for r in runs):
         lines += ["## Grid", "", grid_table(runs, baseline), ""]
+        seeds = seeds_table(runs, baseline)
+        if seeds:
+            lines += ["## Seeds", "", seeds, ""]
     lines += ["## What the numbers say", ""] + [f"- {s}" for s in summary_sentences(runs)]
     return "\n".join(lines) + "\n"
 

@@ -8,10 +8,13 @@ A sweep file::
       dpo: {method: dpo}
       adadpo: {method: adadpo}
     grid: {learning_rate: [5.0e-4, 1.0e-3], beta: [0.05, 0.1]}      # the cells: every combination
+    seeds: [0, 1, 2]                                                 # optional: each run once per seed
     eval: {gold: testbed, prompts: 128, max_new_tokens: 8}           # optional: poise eval of each run
 
 Every (cell, method) is a run folder ``output_dir/<cell>/<label>`` trained with ``poise train`` and
-evaluated with ``poise eval``; a run whose ``eval.json`` exists is skipped, so a sweep resumes where
+evaluated with ``poise eval`` (with ``seeds``: ``output_dir/<cell>/<label>/seed-<s>``, the config's
+``seed`` set, and ``poise report`` gives each figure as a mean and 95% interval over the seeds and
+says where a method beats the baseline significantly); a run whose ``eval.json`` exists is skipped, so a sweep resumes where
 it stopped. ``--list`` prints one command per run (``poise sweep SWEEP.yaml --only ID``) for a cluster
 scheduler; ``poise report output_dir/*/*`` then compares them cell by cell.
 """
@@ -29,15 +32,16 @@ from tqdm.auto import tqdm
 from poise.errors import ConfigError
 from poise.training.config import from_dict, parse_yaml
 
-SWEEP_KEYS = {"output_dir", "base", "methods", "grid", "eval"}
+SWEEP_KEYS = {"output_dir", "base", "methods", "grid", "seeds", "eval"}
 
 
 @dataclass
 class Cell:
-    id: str  # "<cell>/<label>"
+    id: str  # "<cell>/<label>" (or "<cell>/<label>/seed-<s>")
     cell: str
     label: str
     config: dict[str, Any]
+    seed: int | None = None
 
 
 def _fmt(v: Any) -> str:
@@ -62,13 +66,24 @@ def load_sweep(path: str | Path) -> tuple[dict[str, Any], list[Cell]]:
     names = list(grid)
     cells = []
     out = Path(spec.get("output_dir", "sweeps/" + path.stem))
+    seeds = spec.get("seeds")
+    if seeds is not None and (not isinstance(seeds, list) or not seeds or
+                              not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)
+                              or len(set(seeds)) != len(seeds)):
+        raise ConfigError(f"{path}: seeds is a list of distinct integers, e.g. seeds: [0, 1, 2]; got {seeds!r}.")
+    if seeds is not None and "seed" in names:
+        raise ConfigError(f"{path}: seed is both a grid axis and the seeds list; keep one (seeds: [...]).")
     for values in itertools.product(*(grid[n] for n in names)) if names else [()]:
         cell = ",".join(f"{n}={_fmt(v)}" for n, v in zip(names, values)) or "default"
         for label, keys in spec["methods"].items():
-            cfg = {**(spec.get("base") or {}), **(keys or {}), **dict(zip(names, values))}
-            cfg["output_dir"] = str(out / cell / label)
-            from_dict(cfg, source=f"{path} [{cell} / {label}]")
-            cells.append(Cell(f"{cell}/{label}", cell, label, cfg))
+            for seed in seeds or [None]:
+                cfg = {**(spec.get("base") or {}), **(keys or {}), **dict(zip(names, values))}
+                run_id = f"{cell}/{label}" + (f"/seed-{seed}" if seed is not None else "")
+                if seed is not None:
+                    cfg["seed"] = seed
+                cfg["output_dir"] = str(out / run_id)
+                from_dict(cfg, source=f"{path} [{run_id}]")
+                cells.append(Cell(run_id, cell, label, cfg, seed))
     return spec, cells
 
 
@@ -86,6 +101,8 @@ def run_cell(c: Cell, eval_opts: dict[str, Any] | None) -> Path:
         result = evaluate_run(run, gold=eval_opts.get("gold"), num_prompts=eval_opts.get("prompts", 64),
                               max_new_tokens=eval_opts.get("max_new_tokens", 64))
     result.update({"label": c.label, "cell": c.cell, "method": c.config.get("method")})
+    if c.seed is not None:
+        result["seed"] = c.seed
     (run / "eval.json").write_text(json.dumps(result, indent=1))
     return run
 

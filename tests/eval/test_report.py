@@ -182,3 +182,45 @@ def test_report_with_grid_has_counts(grid_runs, tmp_path):
     assert "- adadpo beats dpo on LC win rate in 3 of 4 cells\n" in text
     assert "- **dpo [lr=a,beta=0.1]**:" in text  # same label, told apart by the cell
     assert "On LC win rate, adadpo wins 2 of 5 cells, gate-dpo 2, dpo 1 (ties count for each)." in text
+
+
+def test_seeds_give_means_intervals_and_significance_by_hand(tmp_path):
+    """Two cells, dpo and adadpo over 3 seeds. Cell a: adadpo - dpo = +0.10, +0.12, +0.08 (mean 0.10, sd
+    0.02, half-width t(2) * 0.02 / sqrt(3) = 4.303 * 0.011547 = 0.0497: significant); cell b: +0.1, -0.1,
+    +0.03 (mean 0.01: not)."""
+    from poise.eval.report import mean_ci, seeds_table
+
+    lc = {("a", "dpo"): [0.50, 0.50, 0.50], ("a", "adadpo"): [0.60, 0.62, 0.58],
+          ("b", "dpo"): [0.50, 0.55, 0.45], ("b", "adadpo"): [0.60, 0.45, 0.48]}
+    dirs = []
+    for (cell, method), values in lc.items():
+        for seed, v in enumerate(values):
+            ev = {"method": method, "label": method, "cell": cell, "seed": seed, "lc_win_rate": v,
+                  "gold_reward": v}
+            dirs.append(make_run(tmp_path, f"{cell}-{method}-{seed}", config={"method": method}, eval=ev))
+    runs = load_runs(dirs)
+    m, h = mean_ci([0.10, 0.12, 0.08])
+    assert m == pytest.approx(0.10) and h == pytest.approx(4.303 * 0.02 / 3 ** 0.5, rel=1e-4)
+    assert beats_counts(runs)[("adadpo", "lc_win_rate")] == (2, 2)  # the means: 0.60 > 0.50, 0.51 > 0.50
+    assert beats_counts(runs, significant=True)[("adadpo", "lc_win_rate")] == (1, 2)
+    text = seeds_table(runs)
+    assert "| a | adadpo | 3 | 0.600 ± 0.050 | +0.10 ± 0.050 * |" in text
+    assert "| b | adadpo | 3 | 0.510 ±" in text and "+0.01 ±" in text
+    report = report_main([str(d) for d in dirs], None)
+    assert "## Seeds" in report and "in 2 of 2 cells (significantly, 95% over seeds: in 1)" in report
+
+
+def test_a_sweep_with_seeds_runs_each_cell_once_per_seed(tmp_path):
+    from poise.errors import ConfigError
+    from poise.eval.sweep import load_sweep
+
+    path = tmp_path / "s.yaml"
+    base = "output_dir: out\nbase: {model: m, train_file: t.jsonl}\nmethods: {dpo: {method: dpo}}\ngrid: {beta: [0.1, 0.2]}\n"
+    path.write_text(base + "seeds: [0, 1, 2]\n")
+    _, cells = load_sweep(path)
+    assert [c.id for c in cells][:3] == ["beta=0.1/dpo/seed-0", "beta=0.1/dpo/seed-1", "beta=0.1/dpo/seed-2"]
+    assert [c.config["seed"] for c in cells[:3]] == [0, 1, 2] and {c.cell for c in cells} == {"beta=0.1", "beta=0.2"}
+    for bad in ("seeds: 3\n", "seeds: [0, 0]\n", "seeds: [a]\n"):
+        path.write_text(base + bad)
+        with pytest.raises(ConfigError, match="seeds is a list of distinct integers"):
+            load_sweep(path)
