@@ -288,12 +288,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     """Train as the config says; returns where the model and metrics are. The run folder is locked from
     before anything is written into it until the run ends, however it ends."""
     runfolder.begin(cfg.output_dir)
-    with _terminate_as_interrupt():
-        runfolder.precheck(cfg)  # a run that will be refused is refused before any model is loaded
-        try:
+    try:
+        with _terminate_as_interrupt():
+            runfolder.precheck(cfg)  # a run that will be refused is refused before any model is loaded
             return _train(cfg)
-        finally:
-            runfolder.close(cfg.output_dir)
+    finally:
+        runfolder.close(cfg.output_dir)  # the lock, however the run ends (Ctrl-C at any moment included)
 
 
 def _train(cfg: TrainConfig) -> TrainResult:

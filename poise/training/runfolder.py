@@ -133,10 +133,12 @@ def acquire(run_dir: Path) -> Lock:
         try:
             os.write(fd, content)
             os.fsync(fd)
-        except OSError as e:
+        except BaseException as e:  # a full disk, or Ctrl-C while writing it: no half-taken lock stays
             os.close(fd)
             path.unlink(missing_ok=True)
-            raise _not_writable(run_dir, e) from None
+            if isinstance(e, OSError):
+                raise _not_writable(run_dir, e) from None
+            raise
         os.close(fd)
         return Lock(path, content)
     raise ConfigError(f"output_dir {run_dir}: could not take {path}: other runs keep taking it. Run one "
@@ -462,6 +464,7 @@ def prepare(cfg: Any) -> Path:
     if not multi or dist.get_rank() == 0:
         try:
             folder = open_run(cfg)
+            _OPEN[_key(folder.run_dir)] = folder  # at once: a Ctrl-C from here on releases the lock (close)
             payload = {"checkpoint": folder.checkpoint and str(folder.checkpoint)}
         except BaseException as e:  # every rank must hear of it, then fail alike
             error, payload = e, {"error": str(e), "config_error": isinstance(e, ConfigError)}
