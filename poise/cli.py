@@ -140,6 +140,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_iterate(args: argparse.Namespace) -> int:
+    """Rounds of on-policy pairs: sample, score, pair, train, repeat (poise/recipes/iterate.py)."""
+    from poise.recipes.iterate import iterate_main
+
+    for path in iterate_main(args.config):
+        print(path)
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Run (or list) the cells of a sweep file; finished runs are skipped."""
     from poise.eval.sweep import sweep_main
@@ -275,6 +284,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, Callable | N
     "eval": (cmd_eval, "evaluate a finished run (eval.json, generations.jsonl)", _eval_args),
     "score-pairs": (cmd_score_pairs, "score every training pair (CHES, log-probs, gradient ratio); "
                     "--drop-top F writes the data without the top F", _score_pairs_args),
+    "iterate": (cmd_iterate, "rounds of on-policy pairs: sample K replies per prompt, score them with a reward, "
+                "train on best-vs-worst pairs, repeat (resumable)", lambda p: p.add_argument("config")),
     "sweep": (cmd_sweep, "run a grid of methods x hyperparameters (resumable)", _sweep_args),
     "report": (cmd_report, "compare runs: tables per method and per grid cell",
                lambda p: _runs_args(p, plot=False)),
