@@ -28,7 +28,8 @@ DPI = 100
 PANEL_SIZE = (8.0, 5.0)
 STEP_LABEL = "step (optimizer steps)"
 LOGP_LABEL = "log-prob (nats)"
-EVAL_BARS = (("gold_reward", "gold reward"), ("win_rate", "win rate"), ("lc_win_rate", "LC win rate"))
+EVAL_BARS = (("gold_reward", "gold reward"), ("reward_mean", "reward (poise eval --reward)"), ("win_rate", "win rate"),
+             ("lc_win_rate", "LC win rate"))
 
 Colors = dict[str, tuple]
 Draw = Callable[[Axes, Sequence[Run], Colors, bool], bool]
@@ -56,13 +57,46 @@ def _smooth(steps: list[float], values: list[float]) -> tuple[np.ndarray, np.nda
     return np.asarray(steps[w - 1:]), np.convolve(values, np.ones(w) / w, mode="valid")
 
 
+def seed_groups(runs: Sequence[Run]) -> list[list[Run]]:
+    """The runs of one method in one grid cell over several seeds (``seed`` in eval.json) together; every
+    other run alone."""
+    groups: dict[tuple, list[Run]] = {}
+    for r in runs:
+        key = ("seeds", r.cell, r.name) if r.eval.get("seed") is not None else ("run", id(r))
+        groups.setdefault(key, []).append(r)
+    return list(groups.values())
+
+
+def _band(ax: Axes, group: Sequence[Run], color, key: str, suffix: str, log: bool) -> bool:
+    """The mean over the seeds of ``group`` as a line, their range as a band, on the steps all logged."""
+    series = [dict(zip(*r.series(key))) for r in group if r.first_key([key])]
+    if len(series) < 2:
+        return False
+    steps = sorted(set.intersection(*(set(s) for s in series)))
+    if log:
+        steps = [t for t in steps if all(s[t] > 0 for s in series)]
+    if not steps:
+        return False
+    values = np.array([[s[t] for t in steps] for s in series])
+    label = f"{group[0].name} (mean of {len(series)} seeds; band: their range){suffix}"
+    ax.fill_between(steps, values.min(0), values.max(0), color=color, alpha=0.2, lw=0)
+    ax.plot(steps, values.mean(0), color=color, lw=1.8, marker="o" if len(steps) < 30 else None, ms=3, label=label)
+    return True
+
+
 def _curves(ax: Axes, runs: Sequence[Run], colors: Colors, keys: Sequence[str], *, log: bool = False,
             legend: bool = True) -> list[str]:
-    """Plot, for each run, the first of ``keys`` it logged. Returns the keys used (empty: no data)."""
+    """Plot, for each run, the first of ``keys`` it logged; runs of several seeds as a mean and a band.
+    Returns the keys used (empty: no data)."""
     used = []
-    for run in runs:
+    for group in seed_groups(runs):
+        run = group[0]
         key = run.first_key(keys)
         if key is None:
+            continue
+        suffix = "" if key == keys[0] or len(keys) == 1 else " (training batches)"
+        if len(group) > 1 and _band(ax, group, colors[run.label], key, suffix, log):
+            used.append(key)
             continue
         steps, values = run.series(key)
         if log:  # a log axis shows positive values only
@@ -134,7 +168,8 @@ def _label_bar(ax: Axes, x: float, v: float) -> None:
 
 
 def _run_handles(runs: Sequence[Run], colors: Colors) -> list[Line2D]:
-    return [Line2D([], [], color=colors[r.label], lw=6, label=r.label) for r in runs]
+    return [Line2D([], [], color=colors[g[0].label], lw=6, label=g[0].label if len(g) == 1 else
+                   f"{g[0].name} ({len(g)} seeds)") for g in seed_groups(runs)]
 
 
 def _legend_columns(runs: Sequence[Run], width_chars: int) -> int:

@@ -145,6 +145,9 @@ def load_run(run_dir: str | Path) -> Run:
                          "pass the output_dir of a training run.")
     config = _read_mapping(files[1], yaml.safe_load)
     ev = _read_mapping(files[2], json.loads)
+    prompts = path / "eval_prompts.json"  # poise eval --prompts-file --reward: its figures where eval.json has none
+    if prompts.is_file():
+        ev = {**{k: v for k, v in _read_mapping(prompts, json.loads).items() if k not in ("run",)}, **ev}
     label = ev.get("label") or _hyper_label(config) or path.name
     return Run(path=path, label=str(label), name=str(label), config=config, metrics=_read_metrics(files[0]),
                eval=ev)
@@ -200,7 +203,7 @@ def _markdown(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-COMPARISON_COLUMNS = ["run", "gold reward", "win rate", "LC win rate", "mean length", "reward acc.",
+COMPARISON_COLUMNS = ["run", "gold reward", "reward", "win rate", "LC win rate", "mean length", "reward acc.",
                       "KL to ref", "Δ chosen logp (nats)", "Δ rejected logp (nats)",
                       "Δ others logp (nats)", "mean grad ratio (rej/chosen)"]
 
@@ -208,7 +211,7 @@ COMPARISON_COLUMNS = ["run", "gold reward", "win rate", "LC win rate", "mean len
 def comparison_row(run: Run) -> dict[str, float | None]:
     """The numbers of one run's comparison-table row (None where the run lacks them)."""
     return {
-        "gold reward": run.score("gold_reward"), "win rate": run.score("win_rate"),
+        "gold reward": run.score("gold_reward"), "reward": run.score("reward_mean"), "win rate": run.score("win_rate"),
         "LC win rate": run.score("lc_win_rate"), "mean length": run.score("mean_length"),
         "reward acc.": run.score("reward_accuracy"), "KL to ref": run.score("kl_to_reference"),
         "Δ chosen logp (nats)": run.change(CHOSEN_KEYS), "Δ rejected logp (nats)": run.change(REJECTED_KEYS),

@@ -112,3 +112,28 @@ def test_long_curves_are_smoothed_and_short_ones_marked(runs):
 def test_panel_names_are_the_file_names():
     assert [name for name, _ in PANELS] == ["chosen_logp", "rejected_logp", "grad_ratio", "others_logp",
                                             "eval_scores", "mean_length"]
+
+
+def test_seeds_are_drawn_as_a_mean_and_a_band(tmp_path):
+    """Three seeds of one method in one cell: one line (their mean) and one band (their range), one
+    legend entry; a run without seeds stays a line of its own."""
+    from matplotlib.collections import PolyCollection
+
+    dirs = []
+    for seed, shift in enumerate((-1.0, 0.0, 1.0)):
+        dirs.append(make_run(tmp_path, f"dpo-{seed}", config={"method": "dpo"},
+                             metrics=curve("probe/chosen_logp", [-60 + shift + i for i in range(5)]),
+                             eval={"label": "dpo", "cell": "c", "seed": seed}))
+    dirs.append(make_run(tmp_path, "alone", config={"method": "adadpo"},
+                         metrics=curve("probe/chosen_logp", [-50.0, -49.0]), eval={"label": "adadpo"}))
+    runs = load_runs(dirs)
+    fig, ax = plt.subplots()
+    assert draw_chosen(ax, runs, run_colors(runs))
+    lines = [line for line in ax.get_lines() if not line.get_label().startswith("_")]
+    assert [line.get_label() for line in lines] == ["dpo (mean of 3 seeds; band: their range)", "adadpo"]
+    assert list(lines[0].get_ydata()) == [-60.0, -59.0, -58.0, -57.0, -56.0]  # the mean of the three seeds
+    bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
+    assert len(bands) == 1
+    ys = bands[0].get_paths()[0].vertices[:, 1]
+    assert ys.min() == pytest.approx(-61.0) and ys.max() == pytest.approx(-55.0)
+    plt.close(fig)
