@@ -296,7 +296,7 @@ def needed_pairs(cfg: TrainConfig, pairs, objective) -> list[int] | None:
     epoch's when the objective calibrates, and the probe pairs drawn from the training data; None: all."""
     if cfg.max_steps is None:
         return None
-    sched = Schedule([p.length for p in pairs], cfg.batch_size, cfg.seed, cfg.epochs, cfg.max_steps)
+    sched = Schedule([p.tokens for p in pairs], cfg.batch_size, cfg.seed, cfg.epochs, cfg.max_steps)
     steps = sched.per_epoch if objective.needs_calibration(objective.init_state()) else 0
     used = {i for s in range(max(sched.total, steps)) for i in sched.batch(s)}
     if cfg.diagnostics and cfg.eval_file is None:

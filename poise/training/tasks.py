@@ -72,7 +72,7 @@ class PreferenceTask:
     lengths: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.lengths = [p.length for p in self.pairs]
+        self.lengths = [p.tokens for p in self.pairs]  # the schedule groups by these (both layouts alike)
 
     def __len__(self) -> int:
         return len(self.pairs)

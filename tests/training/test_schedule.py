@@ -183,3 +183,32 @@ def test_fractional_epochs_do_not_round_up_a_floating_point_excess():
     """0.07 * 100 is 7.000000000000001 in floating point: 7 steps, not 8."""
     assert Schedule([5] * 400, 4, seed=0, epochs=0.07, max_steps=None).total == 7
     assert Schedule([5] * 200, 4, seed=0, epochs=0.14, max_steps=None).total == 7
+
+
+def test_batches_grouped_by_a_pairs_tokens_pad_under_5_percent_in_the_shared_layout():
+    """Variable-length pairs (prompts 20-160 tokens, responses 10-80): the schedule groups by prompt +
+    chosen + rejected, the shared layout's row width, so its rows waste under 5% of the positions computed;
+    grouped by the two-row length instead they wasted about 9% (issue 15)."""
+    import random
+
+    from poise.data import TokenizedPair
+    from poise.model.shared_prefix import collate_layout
+    from poise.training.schedule import Schedule
+
+    rng = random.Random(0)
+
+    def ids(lo, hi):
+        return tuple(rng.randint(3, 90) for _ in range(rng.randint(lo, hi)))
+
+    pairs = [TokenizedPair(ids(20, 160), ids(10, 80), ids(10, 80), "f", i) for i in range(400)]
+
+    def padding(lengths):
+        sched = Schedule(lengths, 8, 0, 1, None)
+        real = total = 0
+        for s in range(sched.per_epoch):
+            b = collate_layout([pairs[i] for i in sched.batch(s)], 0, "shared")
+            real, total = real + int(b.attention_mask.sum()), total + b.input_ids.numel()
+        return 1 - real / total
+
+    assert padding([p.tokens for p in pairs]) < 0.05
+    assert padding([p.length for p in pairs]) > 0.05  # the key matters
