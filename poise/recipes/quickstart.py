@@ -57,7 +57,8 @@ def _common(o: Options, root: Path) -> dict[str, Any]:
     # the quickstart's figures are the same on every machine
     return dict(max_length=32, max_prompt_length=16, batch_size=16, micro_batch_size=16, scheduler="cosine",
                 warmup_ratio=0.05, seed=o.seed, save_steps=0, cache_dir=str(root / "cache"), mixed_precision="no",
-                diagnostics_budget=0.0)  # the quickstart is about the curves: every probe runs
+                diagnostics_budget=0.0,  # the quickstart is about the curves: every probe runs
+                batch_grouping="length")  # the batches of the figures in docs/results.md
 
 
 def prepare_data(o: Options, root: Path) -> dict[str, Path]:

@@ -131,7 +131,7 @@ def run_method(o: SmolOptions, root: Path, files: dict[str, Path], base: Path, l
                     max_length=96, max_prompt_length=64, scheduler="cosine", warmup_ratio=0.1, seed=o.seed,
                     save_steps=0, diagnostics_steps=o.diagnostics_steps, probe_pairs=o.probe_pairs,
                     cache_dir=str(root / "cache"), mixed_precision="no",
-                    diagnostics_budget=0.0, **extra)  # fp32: the same figures on every CPU
+                    diagnostics_budget=0.0, batch_grouping="length", **extra)  # fp32: the same figures on every CPU
     return train_and_evaluate(root / "runs" / label, settings, label=label, gold="instruct",
                               eval_prompts=o.eval_prompts, max_new_tokens=o.max_new_tokens, seed=o.seed,
                               drop_checkpoints=True)

@@ -37,7 +37,7 @@ from poise.training.launch import check_launch
 from poise.training.preflight import Inputs, check_inputs
 from poise.training.runlog import MetricAccumulator
 from poise.training.schedule import Schedule, lr_lambda
-from poise.training.tasks import PolicyLogps, PreferenceTask, SFTTask
+from poise.training.tasks import PolicyLogps, PreferenceTask, SFTTask, group_lengths
 
 log = logging.getLogger("poise")
 
@@ -296,7 +296,7 @@ def needed_pairs(cfg: TrainConfig, pairs, objective) -> list[int] | None:
     epoch's when the objective calibrates, and the probe pairs drawn from the training data; None: all."""
     if cfg.max_steps is None:
         return None
-    sched = Schedule([p.tokens for p in pairs], cfg.batch_size, cfg.seed, cfg.epochs, cfg.max_steps)
+    sched = Schedule(group_lengths(pairs, cfg.batch_grouping), cfg.batch_size, cfg.seed, cfg.epochs, cfg.max_steps)
     steps = sched.per_epoch if objective.needs_calibration(objective.init_state()) else 0
     used = {i for s in range(max(sched.total, steps)) for i in sched.batch(s)}
     if cfg.diagnostics and cfg.eval_file is None:
@@ -399,7 +399,7 @@ def build_run(cfg: TrainConfig) -> RunState:
                 ref_info = _reference(cfg, model, ref, data.pairs, tokenizer, acc.device, layout,
                                       needed_pairs(cfg, data.pairs, objective))
         task = PreferenceTask(data.pairs, objective, tokenizer.pad_token_id, chunk_size=cfg.chunk_size,
-                              diagnostics=cfg.diagnostics, layout=layout,
+                              diagnostics=cfg.diagnostics, layout=layout, grouping=cfg.batch_grouping,
                               **{k: v for k, v in ref_info.items() if k != "ref_cache"})
     with acc.autocast():
         eval_task = _eval_task(cfg, inputs.eval, tokenizer, objective, ref_info, layout)

@@ -50,6 +50,11 @@ def run_policy(module, batch: SequenceBatch) -> TokenLogps:
     return module(batch)
 
 
+def group_lengths(pairs: Sequence[TokenizedPair], grouping: str) -> list[int]:
+    """What the schedule groups the pairs by (``batch_grouping``): their tokens, or their two-row length."""
+    return [p.tokens if grouping == "tokens" else p.length for p in pairs]
+
+
 @dataclass
 class PreferenceTask:
     """Pairs and an objective; the reference is precomputed sums (N, 2) or a live model.
@@ -69,10 +74,11 @@ class PreferenceTask:
     chunk_size: int = 1024
     diagnostics: bool = False
     layout: str = "separate"
+    grouping: str = "tokens"
     lengths: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.lengths = [p.tokens for p in self.pairs]  # the schedule groups by these (both layouts alike)
+        self.lengths = group_lengths(self.pairs, self.grouping)  # the schedule groups by these
 
     def __len__(self) -> int:
         return len(self.pairs)

@@ -191,3 +191,15 @@ def test_switching_method_on_a_shipped_config_lists_every_key_it_does_not_take(t
 def test_field_ranges(raw, match):
     with pytest.raises(ConfigError, match=match):
         from_dict({**BASE, "method": "dpo", **raw}, source="cfg.yaml")
+
+
+def test_yaml_no_is_the_choice_no(tmp_path):
+    """YAML 1.1 reads `no` as False: `mixed_precision: no` (in a file or as an override) is the choice "no"."""
+    from poise.training.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("model: m\ntrain_file: d.jsonl\nmixed_precision: no\n")
+    assert load_config(path).mixed_precision == "no"
+    assert load_config(path, ["mixed_precision=no"]).mixed_precision == "no"
+    with pytest.raises(ConfigError, match="deepspeed_stage: '3' is a string; write the number 3"):
+        from_dict({"model": "m", "train_file": "d.jsonl", "deepspeed_stage": "3"})
