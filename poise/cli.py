@@ -205,7 +205,7 @@ def cmd_score_pairs(args: argparse.Namespace) -> int:
         import shlex
 
         kept = len(result.rows) - result.dropped
-        again = [args.config, *(o for o in overrides if not o.startswith("train_file=")),
+        again = [args.config, *(o for o in overrides if not o.startswith(("train_file=", "output_dir="))),
                  f"train_file={result.filtered}"]
         print(f"dropped {result.dropped} of {len(result.rows)} pairs (the top {args.drop_top:g} by {args.by}); "
               f"{kept} kept in {result.filtered}; train on them with: poise train {shlex.join(again)}")

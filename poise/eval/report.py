@@ -78,6 +78,15 @@ class Run:
         values = self.series(key)[1]
         return sum(values) / len(values) if values else None
 
+    def median(self, key: str) -> float | None:
+        """The median over the run's steps: robust to a step whose ratio divides by ~0 (APO-down's
+        chosen gradient cancels at the start: a ratio of 1e27)."""
+        values = sorted(self.series(key)[1])
+        if not values:
+            return None
+        mid = len(values) // 2
+        return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
     def last(self, key: str) -> float | None:
         values = self.series(key)[1]
         return values[-1] if values else None
@@ -205,7 +214,7 @@ def _markdown(header: list[str], rows: list[list[str]]) -> str:
 
 COMPARISON_COLUMNS = ["run", "gold reward", "reward", "win rate", "LC win rate", "mean length", "reward acc.",
                       "KL to ref", "Δ chosen logp (nats)", "Δ rejected logp (nats)",
-                      "Δ others logp (nats)", "mean grad ratio (rej/chosen)"]
+                      "Δ others logp (nats)", "median grad ratio (rej/chosen)"]
 
 
 def comparison_row(run: Run) -> dict[str, float | None]:
@@ -215,7 +224,7 @@ def comparison_row(run: Run) -> dict[str, float | None]:
         "LC win rate": run.score("lc_win_rate"), "mean length": run.score("mean_length"),
         "reward acc.": run.score("reward_accuracy"), "KL to ref": run.score("kl_to_reference"),
         "Δ chosen logp (nats)": run.change(CHOSEN_KEYS), "Δ rejected logp (nats)": run.change(REJECTED_KEYS),
-        "Δ others logp (nats)": run.change(OTHERS_KEYS), "mean grad ratio (rej/chosen)": run.mean(RATIO_KEY),
+        "Δ others logp (nats)": run.change(OTHERS_KEYS), "median grad ratio (rej/chosen)": run.median(RATIO_KEY),
     }
 
 
@@ -281,18 +290,18 @@ def _entrants(runs: Sequence[Run]) -> dict[str, dict[str, Run | Seeds]]:
     the method, or the run's name for a method with several (non-seed) runs in one cell."""
     groups: dict[tuple[str, str], list[Run]] = defaultdict(list)
     for r in runs:
-        if r.cell is not None:
-            groups[(r.cell, r.method)].append(r)
+        if r.cell is not None:  # a sweep's label (eval.json), which tells adadpo from adadpo-floor1
+            groups[(r.cell, str(r.eval.get("label") or r.method))].append(r)
     cells: dict[str, dict[str, Run | Seeds]] = defaultdict(dict)
-    for (cell, method), members in groups.items():
+    for (cell, name), members in groups.items():
         seeds = [r.eval.get("seed") for r in members]
         if len(members) > 1 and None not in seeds and len(set(map(str, seeds))) == len(members):
-            cells[cell][method] = Seeds({r.eval.get("seed"): r for r in members})
+            cells[cell][name] = Seeds({r.eval.get("seed"): r for r in members})
         elif len(members) > 1:
             for r in members:
-                cells[cell][r.name or r.label] = r
+                cells[cell][r.label] = r
         else:
-            cells[cell][method] = members[0]
+            cells[cell][name] = members[0]
     return dict(sorted(cells.items()))
 
 
@@ -435,10 +444,10 @@ def _extremes(runs: Sequence[Run], key: str, what: str, high: str, low: str) -> 
 
 
 def _ratio_sentence(runs: Sequence[Run]) -> str | None:
-    parts = [f"{r.mean(RATIO_KEY):.2g} in {r.label}" for r in runs if r.mean(RATIO_KEY) is not None]
+    parts = [f"{r.median(RATIO_KEY):.2g} in {r.label}" for r in runs if r.median(RATIO_KEY) is not None]
     if not parts:
         return None
-    return ("Mean logit-gradient norm ratio, rejected over chosen (above 1: the push on the rejected "
+    return ("Median logit-gradient norm ratio over the steps, rejected over chosen (above 1: the push on the rejected "
             "side dominates): " + ", ".join(parts) + ".")
 
 
@@ -486,7 +495,7 @@ def build_report(runs: Sequence[Run], baseline: str = "dpo") -> str:
     lines += [f"- **{r.label}**: `{r.path}`" for r in runs]
     lines += ["", "## Comparison", "", comparison_table(runs), "",
               "Δ columns: last minus first logged value (probe set when logged, else training batches); "
-              "grad ratio: mean of diag/logit_grad_ratio, rejected over chosen.", ""]
+              "grad ratio: median over the steps of diag/logit_grad_ratio, rejected over chosen.", ""]
     if any(r.cell is not None for r in runs):
         lines += ["## Grid", "", grid_table(runs, baseline), ""]
         seeds = seeds_table(runs, baseline)

@@ -16,7 +16,7 @@ evaluated with ``poise eval`` (with ``seeds``: ``output_dir/<cell>/<label>/seed-
 ``seed`` set, and ``poise report`` gives each figure as a mean and 95% interval over the seeds and
 says where a method beats the baseline significantly); a run whose ``eval.json`` exists is skipped, so a sweep resumes where
 it stopped. ``--list`` prints one command per run (``poise sweep SWEEP.yaml --only ID``) for a cluster
-scheduler; ``poise report output_dir/*/*`` then compares them cell by cell.
+scheduler; ``poise report output_dir/*/*`` (``output_dir/*/*/*`` with seeds) then compares them cell by cell.
 """
 
 from __future__ import annotations
