@@ -105,7 +105,7 @@ def build_assets(args, work: Path) -> dict:
                           max_prompt_length=p["max_prompt_length"])
     assert [(q.prompt_ids, q.chosen_ids, q.rejected_ids) for q in check.pairs] == \
         [(q.prompt_ids, q.chosen_ids, q.rejected_ids) for q in pairs]
-    sched = Schedule([q.length for q in pairs], args.batch, args.seed, 1.0, None)  # one epoch, as poise runs it
+    sched = Schedule([q.tokens for q in pairs], args.batch, args.seed, 1.0, None)  # one epoch, as poise runs it (batch_grouping: tokens)
     assert sched.total == total
     order = [i for k in range(total) for i in sched.batch(k)]
     trl_file = work / "train_in_batch_order.jsonl"

@@ -286,7 +286,7 @@ def _poise_batches(spec, first, n):
     tok = load_tokenizer(spec["model_dir"])
     data = tokenize_rows(load_rows(spec["train_file"]), tok, max_length=spec["max_length"],
                          max_prompt_length=spec["max_prompt_length"])
-    sched = Schedule([p.length for p in data.pairs], spec["batch"], spec["seed"], 1.0, spec["total_steps"])
+    sched = Schedule([p.tokens for p in data.pairs], spec["batch"], spec["seed"], 1.0, spec["total_steps"])
     return [sched.batch(k) for k in range(first, first + n)]
 
 
