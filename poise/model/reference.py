@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -108,17 +109,25 @@ def _all_ranks_agree(flag: bool, device: torch.device) -> bool:
 
 def _split_sums(model, pairs: Sequence[TokenizedPair], rank: int, world: int, device: torch.device,
                 **kw) -> torch.Tensor:
-    """Every rank scores its contiguous share of the pairs; the shares are gathered into the (N, 2)
-    sums on every rank (a collective)."""
+    """Every rank scores its share of the pairs; the shares are gathered into the (N, 2) sums on every
+    rank (a collective). The shares are contiguous runs of the length-sorted order, each a whole number of
+    batches, so every batch holds the same pairs as in one process: the sums are the one-process sums
+    bit for bit (not merely to rounding)."""
     import torch.distributed as dist
 
-    per = -(-len(pairs) // world)
-    mine = compute_reference_sums(model, pairs[rank * per:(rank + 1) * per], device=device, **kw)
+    order = sorted(range(len(pairs)), key=lambda i: pairs[i].length)  # compute_reference_sums' own order
+    size = kw["batch_size"]
+    per = math.ceil(math.ceil(len(pairs) / world) / size) * size  # a whole number of batches
+    share = order[rank * per:(rank + 1) * per]
+    mine = compute_reference_sums(model, [pairs[i] for i in share], device=device, **kw)
     padded = torch.zeros(per, 2, dtype=torch.float32, device=device)
     padded[:len(mine)] = mine.to(device)
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded)
-    return torch.cat(parts)[:len(pairs)].cpu()
+    gathered = torch.cat(parts)[:len(pairs)].cpu()
+    sums = torch.empty(len(pairs), 2)
+    sums[torch.tensor(order[:len(gathered)])] = gathered
+    return sums
 
 
 def cached_reference_sums(model, pairs: Sequence[TokenizedPair], *, cache_dir: str, pad_token_id: int,

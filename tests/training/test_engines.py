@@ -155,6 +155,8 @@ def assert_same_metrics(one: Path, two: Path) -> None:
     assert [(r["step"], sorted(r)) for r in rows_one] == [(r["step"], sorted(r)) for r in rows_two]
     for a, b in zip(rows_one, rows_two):
         for k in a.keys() - NOT_COMPARED:
+            if k.endswith("rewards/accuracies") and abs(a.get(k.replace("accuracies", "margins"), 1.0)) < 1e-6:
+                continue  # every margin is 0 in exact arithmetic (step 1): the share above 0 is rounding's sign
             assert b[k] == pytest.approx(a[k], rel=RTOL, abs=ATOL), (a["step"], k)
 
 
