@@ -53,7 +53,6 @@ from torch import Tensor
 from poise import fsutil
 from poise.data import SharedPairBatch, TokenizedPair, load_rows
 from poise.errors import ConfigError, PoiseError
-from poise.model.load import check_chat_template, check_tokenizer, load_model, resolve_source
 from poise.model.logprobs import batch_logps, last_hidden, pair_logps, resolve_path
 from poise.model.shared_mask import shared_attention_mask
 from poise.model.shared_prefix import choose_layout, collate_layout
@@ -267,14 +266,9 @@ def _original_rows(cfg: TrainConfig) -> dict[tuple[str, int], dict[str, Any]]:
 def _load_model(cfg: TrainConfig, tokenizer, texts: list[str], device: torch.device):
     """The policy as training loads it (poise/training/build.py): same loader, dtype and tokenizer checks;
     no LoRA (an adapter starts as the identity) and no gradient checkpointing (nothing is trained)."""
-    model = load_model(cfg.model, gguf_file=cfg.gguf_file, dtype=cfg.dtype, device=device,
-                       trust_remote_code=cfg.trust_remote_code)
-    folder, _ = resolve_source(cfg.tokenizer or cfg.model, cfg.gguf_file, key="tokenizer" if cfg.tokenizer else "model")
-    saved = folder if Path(folder).is_dir() and cfg.tokenizer_class == "auto" else None
-    check_tokenizer(tokenizer, model, texts, source=cfg.model, folder=saved)
-    check_chat_template(tokenizer, source=cfg.model)
-    model.config.use_cache = False
-    return model.to(device).eval().requires_grad_(False)
+    from poise.training.build import load_checked_model
+
+    return load_checked_model(cfg, tokenizer, texts, device).to(device).eval().requires_grad_(False)
 
 
 def score_pairs(cfg: TrainConfig, *, out: str | Path | None = None, drop_top: float | None = None,

@@ -259,7 +259,8 @@ def _prepare_run_dir(cfg: TrainConfig) -> Path:
     return prepare(cfg)
 
 
-def _model(cfg: TrainConfig, tokenizer, texts, device):
+def load_checked_model(cfg: TrainConfig, tokenizer, texts, device):
+    """The config's model, loaded and checked against its tokenizer and chat template (no cache)."""
     log.info("loading the model %s%s", cfg.model, f" ({cfg.gguf_file})" if cfg.gguf_file else "")
     model = load_model(cfg.model, gguf_file=cfg.gguf_file, dtype=cfg.dtype, device=device,
                        trust_remote_code=cfg.trust_remote_code)
@@ -268,6 +269,11 @@ def _model(cfg: TrainConfig, tokenizer, texts, device):
     check_tokenizer(tokenizer, model, texts, source=cfg.model, folder=saved)
     check_chat_template(tokenizer, source=cfg.model)
     model.config.use_cache = False
+    return model
+
+
+def _model(cfg: TrainConfig, tokenizer, texts, device):
+    model = load_checked_model(cfg, tokenizer, texts, device)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora_r > 0:
