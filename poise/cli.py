@@ -129,7 +129,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.prompts_file or args.reward or args.baseline:
         if not (args.prompts_file and args.reward):
             raise ConfigError("poise eval: --prompts-file and --reward go together (and --baseline with them): "
-                              "the prompts to generate for and the reward that scores the replies.")
+                              "the prompts to generate for and the reward that scores the replies (testbed, "
+                              "instruct, module:function, path/file.py:function, rm:FOLDER) or the pairwise judge "
+                              "that compares them (judge:module:function, judge:path/file.py:function, "
+                              "judge:FOLDER).")
         result = evaluate_prompts(args.run, args.prompts_file, args.reward, baseline=args.baseline,
                                   num_prompts=args.prompts, max_new_tokens=args.max_new_tokens, seed=args.seed,
                                   on_bad_row=args.on_bad_row)
@@ -244,12 +247,15 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
                         "preference rows), scored with --reward against --baseline: eval_prompts.json")
     p.add_argument("--reward", default=None,
                    help="with --prompts-file: testbed, instruct, module:function, path/file.py:function "
-                        "(prompt, response) -> float, or rm:FOLDER (a local sequence-classification reward model)")
+                        "(prompt, response) -> float, rm:FOLDER (a local sequence-classification reward model), "
+                        "or a pairwise judge: judge:module:function, judge:path/file.py:function "
+                        "(prompt, response_a, response_b) -> P(a better) in [0, 1], or judge:FOLDER (a local "
+                        "causal LM asked A or B; both orders averaged)")
     p.add_argument("--baseline", default=None,
                    help="with --prompts-file: the model to compare with (a model folder or a run folder; default "
                         "the run's reference model)")
     p.add_argument("--on-bad-row", default="error", choices=["error", "skip"],
-                   help="a row the reward fails on: stop naming it (error) or leave it out (skip)")
+                   help="a row the reward or judge fails on: stop naming it (error) or leave it out (skip)")
     p.add_argument("--eval-file", default=None, help="held-out pairs (default: the run's eval_file)")
     p.add_argument("--prompts", type=int, default=64, help="held-out prompts to generate for")
     p.add_argument("--max-new-tokens", type=int, default=128)

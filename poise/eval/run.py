@@ -213,12 +213,18 @@ def evaluate_prompts(run_dir: str | Path, prompts_file: str, reward: str, *, bas
                      num_prompts: int = 64, max_new_tokens: int = 128, seed: int = 0,
                      on_bad_row: str = "error") -> dict[str, Any]:
     """Generate for the prompts of ``prompts_file`` with the run's model and a baseline (a model folder or
-    a run folder; default the run's reference model), score both with ``reward``
-    (:func:`poise.eval.rewards.load_reward`), and compare: mean rewards, win rate and length-controlled win
-    rate (:func:`poise.testbed.evaluate.compare`, AlpacaEval 2's regression on the length difference).
+    a run folder; default the run's reference model), compare the two replies to each prompt with
+    ``reward`` (:func:`poise.eval.rewards.load_reward`: a pointwise reward scores both, the outcome is 1,
+    0.5 or 0; a pairwise judge gives its probability that the run's reply is better, asked in both
+    orders; :func:`poise.eval.rewards.compare_sides`), and report: mean rewards (None for a judge), win
+    rate and length-controlled win rate (:func:`poise.testbed.evaluate.compare_outcomes`, AlpacaEval 2's
+    regression on the length difference), the per-prompt ``outcomes`` with their ``prompt_ids`` (the
+    indices of the compared prompts in the file's order, to pair two runs prompt by prompt) and
+    ``win_rate_ci``, the 95% percentile bootstrap interval of the win rate over prompts
+    (:func:`poise.testbed.evaluate.bootstrap_ci`, 2000 resamples, seed 0).
     Writes ``eval_prompts.json`` and ``generations_prompts.jsonl`` in the run folder."""
-    from poise.eval.rewards import load_reward, score_all
-    from poise.testbed.evaluate import compare
+    from poise.eval.rewards import compare_sides, load_reward
+    from poise.testbed.evaluate import bootstrap_ci, compare_outcomes
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file() or not (run_dir / "model").is_dir():
@@ -237,21 +243,27 @@ def evaluate_prompts(run_dir: str | Path, prompts_file: str, reward: str, *, bas
     out_a = [tokenizer.decode(c, skip_special_tokens=True) for c in generate_ids(policy, tokenizer, texts, **kw)]
     out_b = [tokenizer.decode(c, skip_special_tokens=True) for c in generate_ids(other, tokenizer, texts, **kw)]
     where = [r.where for r in rows]
-    ga, skip_a = score_all(scorer, texts, out_a, on_bad_row=on_bad_row, where=where)
-    gb, skip_b = score_all(scorer, texts, out_b, on_bad_row=on_bad_row, where=where)
-    keep = [i for i in range(len(texts)) if ga[i] is not None and gb[i] is not None]
+    sides = compare_sides(scorer, texts, out_a, out_b, on_bad_row=on_bad_row, where=where)
+    ga, gb = sides.scores_a, sides.scores_b
+    keep = [i for i, o in enumerate(sides.outcomes) if o is not None]
     if not keep:
         raise DataError(f"{prompts_file}: the reward {reward!r} scored no prompt on both sides.")
+    outcomes = [sides.outcomes[i] for i in keep]
     diff = [len(out_a[i].split()) - len(out_b[i].split()) for i in keep]
     result: dict[str, Any] = {"run": str(run_dir), "method": cfg.method, "reward": reward, "baseline": base,
                               "prompts": len(texts), "scored": len(keep), "skipped": len(texts) - len(keep),
-                              "reward_mean": sum(ga[i] for i in keep) / len(keep),
-                              "baseline_reward_mean": sum(gb[i] for i in keep) / len(keep),
+                              "reward_mean": sum(ga[i] for i in keep) / len(keep) if ga is not None else None,
+                              "baseline_reward_mean": sum(gb[i] for i in keep) / len(keep) if gb is not None else None,
                               "mean_length": sum(len(out_a[i].split()) for i in keep) / len(keep),
                               "baseline_mean_length": sum(len(out_b[i].split()) for i in keep) / len(keep)}
-    result.update(compare([ga[i] for i in keep], [gb[i] for i in keep], diff))
-    lines = [json.dumps({"instruction": t, "output": a, "reward": sa, "baseline_output": b, "baseline_reward": sb})
-             + "\n" for t, a, b, sa, sb in zip(texts, out_a, out_b, ga, gb)]
+    result.update(compare_outcomes(outcomes, diff))
+    result["win_rate_ci"] = list(bootstrap_ci(outcomes))
+    result["outcomes"] = outcomes
+    result["prompt_ids"] = keep
+    none = [None] * len(texts)
+    lines = [json.dumps({"instruction": t, "output": a, "reward": sa, "baseline_output": b, "baseline_reward": sb,
+                         "outcome": o}) + "\n"
+             for t, a, b, sa, sb, o in zip(texts, out_a, out_b, ga or none, gb or none, sides.outcomes)]
     _write(run_dir / "generations_prompts.jsonl", "".join(lines))
     _write(run_dir / "eval_prompts.json", json.dumps(result, indent=1))
     return result

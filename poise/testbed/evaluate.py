@@ -4,7 +4,9 @@
   greedily decodes responses for a list of prompts; seeded, it leaves the global RNG as it was.
 * :func:`score` gives the mean gold reward, the exact-match rate and the mean length in words.
 * :func:`win_rate` compares two sets of responses to the same prompts under the gold reward, raw
-  and length-controlled (the definitions are in its docstring).
+  and length-controlled (the definitions are in its docstring); :func:`compare` does it from the
+  rewards of both sides and :func:`compare_outcomes` from per-prompt outcomes (a judge's probabilities).
+* :func:`bootstrap_ci` is the percentile bootstrap interval of a statistic over prompts (the win rate's).
 
 Everything is deterministic for a seed (on one device and torch build).
 """
@@ -86,8 +88,19 @@ def win_rate(prompts: Sequence[str], responses_a: Sequence[str], responses_b: Se
 
 def compare(ga: Any, gb: Any, diff: Any) -> dict[str, float]:
     """:func:`win_rate` from the rewards of both sides and the length differences (any reward)."""
-    ga, gb, diff = np.asarray(ga, float), np.asarray(gb, float), np.asarray(diff, float)
-    outcome = np.where(ga > gb, 1.0, np.where(ga < gb, 0.0, 0.5))
+    ga, gb = np.asarray(ga, float), np.asarray(gb, float)
+    return compare_outcomes(np.where(ga > gb, 1.0, np.where(ga < gb, 0.0, 0.5)), diff)
+
+
+def compare_outcomes(outcome: Any, diff: Any) -> dict[str, float]:
+    """:func:`compare` from the per-prompt outcomes of a against b, in [0, 1] (1, 0.5, 0 from rewards;
+    a judge's probability that a is better, soft), and the length differences: the same keys.
+    ``ties`` is the fraction of outcomes exactly 0.5."""
+    outcome, diff = np.asarray(outcome, float), np.asarray(diff, float)
+    if outcome.shape != diff.shape:
+        raise ValueError(f"{outcome.size} outcomes but {diff.size} length differences")
+    if outcome.size and not (np.all(outcome >= 0.0) and np.all(outcome <= 1.0)):
+        raise ValueError("outcomes must lie in [0, 1]")
     raw = float(outcome.mean())
     spread = float(diff.std())
     if spread == 0.0:
@@ -97,6 +110,24 @@ def compare(ga: Any, gb: Any, diff: Any) -> dict[str, float]:
         lc, coef = float(_sigmoid(theta[0])), float(theta[1])
     return {"win_rate": raw, "lc_win_rate": lc, "length_coef": coef, "ties": float(np.mean(outcome == 0.5)),
             "length_diff": float(diff.mean()), "n": float(len(outcome))}
+
+
+def bootstrap_ci(values: Any, stat: Callable[[np.ndarray], Any] = np.mean, n: int = 2000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
+    """The ``level`` percentile bootstrap interval of ``stat(values)``: ``n`` resamples of the values with
+    replacement (``numpy.random.default_rng(seed)``, so the same inputs give the same interval), and the
+    (1 - level) / 2 and (1 + level) / 2 percentiles (numpy's linear interpolation) of the statistic over
+    them. For ``poise eval --prompts-file`` the values are the per-prompt outcomes and the statistic the
+    win rate (their mean): the prompts are resampled."""
+    v = np.asarray(values, float)
+    if v.ndim != 1 or v.size == 0:
+        raise ValueError("bootstrap_ci needs a non-empty list of numbers")
+    if n < 1 or not 0 < level < 1:
+        raise ValueError(f"bootstrap_ci: n = {n} must be >= 1 and level = {level} in (0, 1)")
+    idx = np.random.default_rng(seed).integers(0, v.size, size=(n, v.size))
+    stats = v[idx].mean(axis=1) if stat is np.mean else np.array([stat(v[i]) for i in idx], float)
+    low, high = np.percentile(stats, [50 * (1 - level), 50 * (1 + level)])
+    return float(low), float(high)
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, *, l2: float = LC_L2, steps: int = 100) -> np.ndarray:

@@ -10,7 +10,7 @@ from helpers import save_tiny_model
 
 from poise.errors import ConfigError, DataError
 from poise.eval.rewards import load_reward, score_all
-from poise.testbed.evaluate import compare
+from poise.testbed.evaluate import bootstrap_ci, compare
 
 REWARDS_PY = '''
 def length(prompt, response):
@@ -107,9 +107,15 @@ def test_poise_eval_with_a_prompt_file_and_a_reward(tmp_path, rewards_file):
     assert out["baseline"] == str(model)  # the run's reference model by default
     rows = [json.loads(line) for line in (run / "generations_prompts.jsonl").read_text().splitlines()]
     assert [r["reward"] for r in rows] == [float(len(r["output"].split())) for r in rows]
+    # per-prompt outcomes (1, 0.5, 0 as the rewards compare), paired with the file's prompts, and the
+    # bootstrap interval of their mean
+    assert out["prompt_ids"] == [0, 1] and out["outcomes"] == [
+        1.0 if r["reward"] > r["baseline_reward"] else 0.0 if r["reward"] < r["baseline_reward"] else 0.5 for r in rows]
+    assert out["win_rate"] == sum(out["outcomes"]) / 2 and out["win_rate_ci"] == list(bootstrap_ci(out["outcomes"]))
     assert main(["eval", *common, "--reward", f"{rewards_file}:picky"]) == 2  # row 2 named, nothing written
     assert main(["eval", *common, "--reward", f"{rewards_file}:picky", "--on-bad-row", "skip"]) == 0
-    assert json.loads((run / "eval_prompts.json").read_text())["skipped"] == 1
+    out = json.loads((run / "eval_prompts.json").read_text())
+    assert out["skipped"] == 1 and out["prompt_ids"] == [0]  # "boom box" (the second prompt) left out
     assert main(["eval", str(run), "--reward", "testbed"]) == 2  # --reward needs --prompts-file
     # a conversational prompt (messages) is rendered with the chat template
     assert main(["eval", *common[:-1], "3", "--reward", f"{rewards_file}:length"]) == 0
