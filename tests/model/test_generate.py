@@ -166,3 +166,161 @@ def test_on_a_gpu_the_device_rng_is_left_as_it_was_and_the_seeding_is_the_former
     assert torch.equal(cpu, torch.get_rng_state()) and torch.equal(gpu, torch.cuda.get_rng_state())
     assert a == generate(model, tok, prompts, **kw)
     assert a == _former_testbed_generate(model, tok, prompts, **kw)
+
+
+# -- the vLLM backend, against a stand-in of vLLM's API ------------------------------------------------
+
+
+class _FakeVLLM:
+    """A stand-in ``vllm`` module: ``SamplingParams`` and ``LLM`` record what they are given; completion k
+    of a prompt is ``[its last id, 100 + k, EOS, 7]`` (what follows EOS must be cut)."""
+
+    def __init__(self, eos):
+        import types
+
+        fake = self
+        self.params, self.llm_kwargs, self.requests, self.closed = [], None, None, False
+
+        class SamplingParams:
+            def __init__(self, **kw):
+                fake.params.append(kw)
+                self.kw = kw
+
+        class LLM:
+            def __init__(self, **kw):
+                fake.llm_kwargs = kw
+
+            def generate(self, prompts, sampling_params, use_tqdm=True):
+                fake.requests = prompts
+                out = []
+                for p, sp in zip(prompts, sampling_params):
+                    ids = p["prompt_token_ids"]
+                    outputs = [types.SimpleNamespace(token_ids=(ids[-1], 100 + k, eos, 7), text="?")
+                               for k in range(sp.kw["n"])]
+                    out.append(types.SimpleNamespace(prompt_token_ids=list(ids), outputs=outputs))
+                return out
+
+            def __del__(self):
+                fake.closed = True
+
+        self.module = types.ModuleType("vllm")
+        self.module.SamplingParams, self.module.LLM = SamplingParams, LLM
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch, tok):
+    import sys
+
+    fake = _FakeVLLM(tok.eos_token_id)
+    monkeypatch.setitem(sys.modules, "vllm", fake.module)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    return fake
+
+
+@pytest.mark.parametrize("temperature", [0.0, None, 0.7])
+def test_vllm_gets_the_hf_settings_and_the_same_prompt_ids(fake_vllm, tok, temperature):
+    """The SamplingParams equal what the HF path passes to model.generate: temperature (greedy at 0 or
+    None), top-p 1 and top-k off, max_new_tokens, EOS; the prompts go as the same token ids."""
+    texts = [PROMPT, "sort: ant ram seal ="]
+    hf = _FixedModel([tok.eos_token_id])
+    generate_ids(hf, tok, texts, max_new_tokens=9, temperature=temperature, seed=4, backend="hf")
+    hf_ids, hf_mask, hf_kw = hf.calls[-1]
+    generate_ids(None, tok, texts, max_new_tokens=9, temperature=temperature, seed=4, backend="vllm",
+                 model_path="some/model")
+    assert fake_vllm.llm_kwargs == {"model": "some/model", "dtype": "auto", "seed": 4}
+    assert [r["prompt_token_ids"] for r in fake_vllm.requests] == [list(prompt_ids(tok, t)) for t in texts]
+    for r, row, mask in zip(fake_vllm.requests, hf_ids, hf_mask):  # HF's left-padded rows, padding dropped
+        assert r["prompt_token_ids"] == row[mask.bool()].tolist()
+    for p in fake_vllm.params:
+        assert p["max_tokens"] == hf_kw["max_new_tokens"] == 9
+        assert p["stop_token_ids"] == [hf_kw["eos_token_id"]] == [tok.eos_token_id]
+        assert p["n"] == 1 and p["skip_special_tokens"] is True
+        if hf_kw["do_sample"]:
+            assert p["temperature"] == pytest.approx(hf_kw["temperature"], rel=1e-12)
+            assert p["top_p"] == hf_kw["top_p"] == 1.0
+            assert p["top_k"] == -1 and hf_kw["top_k"] == 0  # both: no top-k cut
+        else:
+            assert p["temperature"] == 0.0 and hf_kw["temperature"] is None
+    assert len({p["seed"] for p in fake_vllm.params}) == 2  # each prompt its own stream
+    assert fake_vllm.closed  # the engine is let go after the call
+
+
+def test_vllm_completions_come_back_in_the_callers_order(fake_vllm, tok):
+    """Copies of a prompt are one request with n = the copies; completion k goes to copy k; the ids are
+    cut before EOS and decoded by the caller's tokenizer with special tokens skipped."""
+    a, b, c = (list(prompt_ids(tok, t)) for t in (PROMPT, "sort: ant ram seal =", "copy: eel ="))
+    prompts = [a, b, a, c, a, b]
+    got = generate_ids(None, tok, prompts, max_new_tokens=5, temperature=1.0, seed=2, backend="vllm",
+                       model_path="m")
+    assert [r["prompt_token_ids"] for r in fake_vllm.requests] == [a, b, c]
+    assert [p["n"] for p in fake_vllm.params] == [3, 2, 1]
+    assert got == [[a[-1], 100], [b[-1], 100], [a[-1], 101], [c[-1], 100], [a[-1], 102], [b[-1], 101]]
+    texts = generate(None, tok, prompts, max_new_tokens=5, temperature=1.0, seed=2, backend="vllm", model_path="m")
+    assert texts == [tok.decode(row, skip_special_tokens=True) for row in got]
+    # the same seed asks vLLM for the same per-prompt seeds; another seed for others
+    seeds = [p["seed"] for p in fake_vllm.params[-3:]]
+    generate_ids(None, tok, prompts, max_new_tokens=5, temperature=1.0, seed=2, backend="vllm", model_path="m")
+    assert [p["seed"] for p in fake_vllm.params[-3:]] == seeds
+    generate_ids(None, tok, prompts, max_new_tokens=5, temperature=1.0, seed=3, backend="vllm", model_path="m")
+    assert not set(p["seed"] for p in fake_vllm.params[-3:]) & set(seeds)
+    # greedy: one completion per distinct prompt, shared by its copies
+    got = generate_ids(None, tok, prompts, max_new_tokens=5, backend="vllm", model_path="m")
+    assert [p["n"] for p in fake_vllm.params[-3:]] == [1, 1, 1]
+    assert got == [[a[-1], 100], [b[-1], 100], [a[-1], 100], [c[-1], 100], [a[-1], 100], [b[-1], 100]]
+
+
+def test_vllm_reads_the_dtype_and_options(fake_vllm, tok):
+    model = _FixedModel([tok.eos_token_id]).to(torch.bfloat16)
+    model.dtype = torch.bfloat16
+    generate_ids(model, tok, [PROMPT], max_new_tokens=2, model_path="m", vllm_options={"gpu_memory_utilization": 0.4})
+    assert fake_vllm.llm_kwargs == {"model": "m", "dtype": "bfloat16", "seed": 0, "gpu_memory_utilization": 0.4}
+    assert not model.calls  # auto chose vLLM: the HF model did not generate
+
+
+def test_auto_picks_hf_without_vllm_a_gpu_or_a_folder(monkeypatch, tok):
+    import sys
+
+    from poise.errors import ConfigError
+    from poise.model.generate import choose_backend
+
+    fake = _FakeVLLM(tok.eos_token_id)
+    monkeypatch.setitem(sys.modules, "vllm", fake.module)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert choose_backend("auto", "m") == "vllm" and choose_backend("auto", None) == "hf"
+    assert choose_backend("hf", "m") == "hf"
+    hf = _FixedModel([tok.eos_token_id])
+    generate_ids(hf, tok, [PROMPT], max_new_tokens=2)  # no folder: HF
+    assert len(hf.calls) == 1 and fake.llm_kwargs is None
+    with pytest.raises(ConfigError, match="model_path"):
+        choose_backend("vllm", None)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # vLLM, no GPU
+    assert choose_backend("auto", "m") == "hf"
+    generate_ids(hf, tok, [PROMPT], max_new_tokens=2, model_path="m")
+    assert len(hf.calls) == 2 and fake.llm_kwargs is None
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        generate_ids(hf, tok, [PROMPT], max_new_tokens=2, model_path="m", backend="vllm")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "vllm", None)  # a GPU, no vLLM
+    assert choose_backend("auto", "m") == "hf"
+    with pytest.raises(ConfigError, match="pip install vllm"):
+        choose_backend("vllm", "m")
+    with pytest.raises(ConfigError, match="backend 'gpu'"):
+        choose_backend("gpu")
+    with pytest.raises(ConfigError, match="needs the model"):
+        generate_ids(None, tok, [PROMPT], max_new_tokens=2, model_path="m")
+
+
+def test_vllm_is_imported_only_inside_functions():
+    """``import poise`` never imports vLLM: no module imports it at its top level."""
+    import ast
+    from pathlib import Path
+
+    import poise
+
+    for path in Path(poise.__file__).parent.rglob("*.py"):
+        for node in ast.parse(path.read_text()).body:
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.split(".")[0] == "vllm" for n in names), path
