@@ -3,6 +3,14 @@
 A run folder holds ``metrics.jsonl`` (one row per logged step), ``config.yaml`` (the resolved config)
 and, when the run was evaluated, ``eval.json`` (gold reward, win rates, length, KL, grid cell). Any of
 them may be missing or incomplete: a missing key or a NaN is shown as "-" and left out of means.
+
+``eval_prompts.json`` (``poise eval --prompts-file``) fills in what eval.json lacks. When it holds the
+per-prompt ``outcomes`` of its win rate (1 the run's reply won, 0.5 a tie, 0 a loss; soft for judges)
+with their ``prompt_ids``, the report gives the win rate 95% intervals over prompts: for a run its
+``win_rate_ci`` (else a bootstrap of its outcomes), a method's over seeds a bootstrap over the prompts
+its seeds share (:func:`bootstrap_prompts`), and the difference to the baseline a paired bootstrap over
+the prompts both share (:func:`paired_bootstrap`), used for the win rate's significance in the seeds
+table and the "beats" counts; the other metrics keep the seed-paired t-interval.
 """
 
 from __future__ import annotations
@@ -10,11 +18,12 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from poise import fsutil
@@ -25,6 +34,15 @@ CHOSEN_KEYS = ("probe/chosen_logp", "logps/chosen")
 REJECTED_KEYS = ("probe/rejected_logp", "logps/rejected")
 OTHERS_KEYS = ("probe/others_logp",)
 RATIO_KEY = "diag/logit_grad_ratio"
+
+#: The keys of eval_prompts.json that belong to its win rate: the per-prompt outcomes, their prompts'
+#: indices in the prompt file, and the win rate's 95% interval.
+PROMPT_KEYS = ("outcomes", "prompt_ids", "win_rate_ci")
+#: Resamples and seed of the bootstraps over prompts.
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+#: Fewest prompts an interval over prompts is given for.
+MIN_PROMPTS = 2
 
 #: Config keys that never tell two runs apart in a label.
 _NOT_LABEL_KEYS = {"output_dir", "resume", "cache_dir", "report_to", "train_file", "eval_file", "logging_steps",
@@ -91,6 +109,25 @@ class Run:
         values = self.series(key)[1]
         return values[-1] if values else None
 
+    def outcomes(self) -> list[float] | None:
+        """The per-prompt outcomes of the win rate (``outcomes``), or None unless it is a non-empty list
+        of numbers in [0, 1]."""
+        raw = self.eval.get("outcomes")
+        if not isinstance(raw, list) or not raw:
+            return None
+        values = [finite(v) for v in raw]
+        return None if any(v is None or not 0 <= v <= 1 for v in values) else values  # type: ignore[misc]
+
+    def prompt_outcomes(self) -> dict[Any, float] | None:
+        """prompt id -> outcome (``prompt_ids`` with ``outcomes``), or None unless both are there, as
+        long, and the ids distinct integers or strings."""
+        values, ids = self.outcomes(), self.eval.get("prompt_ids")
+        if values is None or not isinstance(ids, list) or len(ids) != len(values):
+            return None
+        if any(isinstance(i, bool) or not isinstance(i, int | str) for i in ids) or len(set(ids)) != len(ids):
+            return None
+        return dict(zip(ids, values))
+
 
 def finite(v: Any) -> float | None:
     """``v`` as a finite float, else None (missing, NaN, infinite, not a number)."""
@@ -156,7 +193,10 @@ def load_run(run_dir: str | Path) -> Run:
     ev = _read_mapping(files[2], json.loads)
     prompts = path / "eval_prompts.json"  # poise eval --prompts-file --reward: its figures where eval.json has none
     if prompts.is_file():
-        ev = {**{k: v for k, v in _read_mapping(prompts, json.loads).items() if k not in ("run",)}, **ev}
+        extra = {k: v for k, v in _read_mapping(prompts, json.loads).items() if k not in ("run",)}
+        if "win_rate" in ev and "outcomes" not in ev:  # eval.json's own win rate: the prompts' outcomes are not its
+            extra = {k: v for k, v in extra.items() if k not in PROMPT_KEYS}
+        ev = {**extra, **ev}
     label = ev.get("label") or _hyper_label(config) or path.name
     return Run(path=path, label=str(label), name=str(label), config=config, metrics=_read_metrics(files[0]),
                eval=ev)
@@ -229,15 +269,162 @@ def comparison_row(run: Run) -> dict[str, float | None]:
 
 
 def comparison_table(runs: Sequence[Run]) -> str:
-    """One Markdown row per run: eval scores, log-prob changes (last minus first) and the gradient ratio."""
+    """One Markdown row per run: eval scores, log-prob changes (last minus first) and the gradient ratio;
+    the win rate with its 95% interval over prompts where the run has one (:func:`win_rate_interval`)."""
     rows = []
     for run in runs:
         nums = comparison_row(run)
-        rows.append([run.label] + [fmt(nums[c], signed=c.startswith("Δ")) for c in COMPARISON_COLUMNS[1:]])
+        row = [run.label] + [fmt(nums[c], signed=c.startswith("Δ")) for c in COMPARISON_COLUMNS[1:]]
+        iv = win_rate_interval(run)
+        if iv is not None:
+            row[COMPARISON_COLUMNS.index("win rate")] = f"{fmt(iv[0])} [{fmt(iv[1])}, {fmt(iv[2])}]"
+        rows.append(row)
     return _markdown(COMPARISON_COLUMNS, rows)
 
 
 GRID_METRICS = (("gold_reward", "gold reward"), ("lc_win_rate", "LC win rate"))
+#: Added to the grid metrics when a run in a cell has per-prompt outcomes (:func:`grid_metrics`).
+WIN_RATE_METRIC = ("win_rate", "win rate")
+
+
+def grid_metrics(runs: Sequence[Run]) -> tuple[tuple[str, str], ...]:
+    """The (eval key, title) pairs the grid, seeds and "beats" sections compare: gold reward and LC win
+    rate, and the win rate when a run in a grid cell has per-prompt outcomes (eval_prompts.json)."""
+    with_outcomes = any(r.cell is not None and r.outcomes() is not None for r in runs)
+    return GRID_METRICS + ((WIN_RATE_METRIC,) if with_outcomes else ())
+
+
+# -- bootstrap over prompts ---------------------------------------------------------------------------
+
+
+def _sides(x: Mapping[Hashable, float] | Sequence[Mapping[Hashable, float]]) -> list[Mapping[Hashable, float]]:
+    return [x] if isinstance(x, Mapping) else list(x)
+
+
+def bootstrap_prompts(a: Sequence[Mapping[Hashable, float]], b: Sequence[Mapping[Hashable, float]] = (), *,
+                      n: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+                      level: float = 0.95) -> tuple[float, float, float, int]:
+    """A percentile bootstrap over prompts: ``(statistic, low, high, prompts)``.
+
+    ``a`` (and ``b``) are one ``{prompt id: outcome}`` per seed. Only the prompt ids every mapping of
+    both sides has are used, in sorted order (so the order of the mappings' keys does not matter). The
+    statistic is the mean over ``a``'s seeds of each seed's mean outcome over the prompts, minus the same
+    for ``b`` when given. Each of the ``n`` resamples draws the prompt ids with replacement, the same
+    draws for every seed of both sides (paired by prompt), and computes the statistic on them; ``low``
+    and ``high`` are the resamples' ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles (numpy's
+    default linear interpolation).
+
+    Exactly: with ``x[p]`` the mean over ``a``'s seeds minus the mean over ``b``'s of prompt p's outcome
+    (the statistic is linear, so the mean of the seeds' means over a resample is the resample's mean
+    of ``x``), ``rng = np.random.default_rng(seed)``, the resamples are
+    ``x[rng.integers(0, P, size=(k, P))].mean(axis=1)`` in blocks of ``k = max(1, 2**22 // P)`` rows
+    (one block for P < 2098 prompts). Raises ValueError when ``a`` is empty or no prompt is common.
+    """
+    if not a:
+        raise ValueError("bootstrap_prompts needs at least one mapping on side a")
+    common = set(a[0])
+    for side in (*a[1:], *b):
+        common &= set(side)
+    if not common:
+        raise ValueError("no prompt id is common to every mapping")
+    try:
+        ids = sorted(common)
+    except TypeError:  # ids of mixed types
+        ids = sorted(common, key=repr)
+    x = np.array([[s[i] for i in ids] for s in a], dtype=float).mean(axis=0)
+    if b:
+        x = x - np.array([[s[i] for i in ids] for s in b], dtype=float).mean(axis=0)
+    rng = np.random.default_rng(seed)
+    P = len(ids)
+    block = max(1, 2 ** 22 // P)
+    stats = np.concatenate([x[rng.integers(0, P, size=(min(block, n - start), P))].mean(axis=1)
+                            for start in range(0, n, block)])
+    low, high = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
+    return float(x.mean()), float(low), float(high), P
+
+
+def paired_bootstrap(a: Mapping[Hashable, float] | Sequence[Mapping[Hashable, float]],
+                     b: Mapping[Hashable, float] | Sequence[Mapping[Hashable, float]], n: int = BOOTSTRAP_RESAMPLES,
+                     seed: int = BOOTSTRAP_SEED) -> tuple[float, float, float]:
+    """``(mean difference a - b, low, high)``: the 95% paired bootstrap over the prompt ids both sides
+    share (:func:`bootstrap_prompts`); a side is ``{prompt id: outcome}``, or a list of them (its seeds,
+    averaged)."""
+    d, low, high, _ = bootstrap_prompts(_sides(a), _sides(b), n=n, seed=seed)
+    return d, low, high
+
+
+def bootstrap_mean(a: Mapping[Hashable, float] | Sequence[Mapping[Hashable, float]], n: int = BOOTSTRAP_RESAMPLES,
+                   seed: int = BOOTSTRAP_SEED) -> tuple[float, float, float]:
+    """``(mean, low, high)``: the 95% bootstrap over prompts of one side's mean outcome (seeds averaged
+    over the prompts they all share; :func:`bootstrap_prompts`)."""
+    m, low, high, _ = bootstrap_prompts(_sides(a), n=n, seed=seed)
+    return m, low, high
+
+
+def _interval(v: Any) -> tuple[float, float] | None:
+    if not isinstance(v, list | tuple) or len(v) != 2:
+        return None
+    low, high = finite(v[0]), finite(v[1])
+    return None if low is None or high is None or low > high else (low, high)
+
+
+def _outcome_sides(e: Run | Seeds) -> list[dict[Any, float]] | None:
+    """One {prompt id: outcome} per seed (one for a run), or None unless every run has them."""
+    runs = list(e.runs.values()) if isinstance(e, Seeds) else [e]
+    sides = [r.prompt_outcomes() for r in runs]
+    return None if any(s is None for s in sides) else sides  # type: ignore[return-value]
+
+
+def _common_count(sides: Sequence[Mapping[Hashable, float]]) -> int:
+    common = set(sides[0])
+    for s in sides[1:]:
+        common &= set(s)
+    return len(common)
+
+
+def win_rate_interval(e: Run | Seeds) -> tuple[float, float, float] | None:
+    """``(win rate, low, high)``, 95% over prompts, or None without per-prompt data.
+
+    A run: its ``win_rate_ci`` when eval_prompts.json has one, else the bootstrap of its outcomes
+    (:func:`bootstrap_mean`); the win rate is its ``win_rate`` (else the outcomes' mean). Several seeds:
+    the bootstrap over the prompt ids all seeds share, each resample's win rate the mean over seeds of
+    each seed's mean outcome; None unless every seed has outcomes with prompt ids. At least
+    :data:`MIN_PROMPTS` prompts."""
+    if isinstance(e, Seeds):
+        sides = _outcome_sides(e)
+        if sides is None or _common_count(sides) < MIN_PROMPTS:
+            return None
+        return bootstrap_mean(sides)
+    values, ci = e.outcomes(), _interval(e.eval.get("win_rate_ci"))
+    w = e.score("win_rate")
+    if ci is not None and (w is not None or values is not None):
+        return (w if w is not None else sum(values) / len(values), *ci)  # type: ignore[arg-type]
+    if values is None or len(values) < MIN_PROMPTS:
+        return None
+    m, low, high = bootstrap_mean(e.prompt_outcomes() or dict(enumerate(values)))
+    return (w if w is not None else m), low, high
+
+
+def prompt_difference(a: Run | Seeds, b: Run | Seeds) -> tuple[float, float, float, int] | None:
+    """Win rate of ``a`` minus ``b`` by the paired bootstrap over the prompts both share (each side
+    averaged over its seeds): ``(difference, low, high, prompts)``, 95%; None unless every run of both
+    has outcomes with prompt ids and they share at least :data:`MIN_PROMPTS` prompts."""
+    sa, sb = _outcome_sides(a), _outcome_sides(b)
+    if sa is None or sb is None or _common_count([*sa, *sb]) < MIN_PROMPTS:
+        return None
+    return bootstrap_prompts(sa, sb)
+
+
+def difference(a: Run | Seeds, b: Run | Seeds, key: str) -> tuple[float, float, float, str] | None:
+    """``(a - b, low, high, how)`` with its 95% interval: for the win rate the paired bootstrap over
+    prompts (``how`` "prompts") when both have per-prompt outcomes, else the seed-paired t-interval
+    (:func:`paired_difference`, ``how`` "seeds"); None when neither applies."""
+    if key == WIN_RATE_METRIC[0]:
+        d = prompt_difference(a, b)
+        if d is not None:
+            return d[0], d[1], d[2], "prompts"
+    t = paired_difference(a, b, key)
+    return None if t is None else (t[0], t[0] - t[1], t[0] + t[1], "seeds")
 
 
 #: Two-sided 95% quantiles of Student's t by degrees of freedom (1.96 beyond the table).
@@ -326,67 +513,116 @@ def _winners(entrants: dict[str, Run], key: str) -> tuple[list[str], float | Non
     return sorted(n for n, v in scores.items() if v == best), best
 
 
-def beats_counts(runs: Sequence[Run], baseline: str = "dpo",
-                 significant: bool = False) -> dict[tuple[str, str], tuple[int, int]]:
-    """(entrant, eval key) -> (cells where it strictly beats ``baseline``, cells where both have a score).
-    ``significant``: count only cells where the 95% interval of the seed-paired difference lies above 0
-    (cells with fewer than two common seeds count as not significant)."""
-    counts: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+def _beats(runs: Sequence[Run], baseline: str, significant: bool) -> dict[tuple[str, str], tuple[int, int, set]]:
+    counts: dict[tuple[str, str], tuple[int, int, set]] = {}
+    metrics = grid_metrics(runs)
     for entrants in _entrants(runs).values():
         base = entrants.get(baseline)
         for name, run in entrants.items():
             if name == baseline or base is None:
                 continue
-            for key, _ in GRID_METRICS:
+            for key, _ in metrics:
                 a, b = run.score(key), base.score(key)
-                if a is not None and b is not None:
-                    if significant:
-                        d = paired_difference(run, base, key)
-                        counts[(name, key)][0] += d is not None and d[0] - d[1] > 0
-                    else:
-                        counts[(name, key)][0] += a > b
-                    counts[(name, key)][1] += 1
-    return {k: (v[0], v[1]) for k, v in sorted(counts.items())}
+                if a is None or b is None:
+                    continue
+                k, n, hows = counts.get((name, key), (0, 0, set()))
+                if significant:
+                    d = difference(run, base, key)
+                    k += d is not None and d[1] > 0
+                    hows |= {d[3]} if d is not None else set()
+                else:
+                    k += a > b
+                counts[(name, key)] = (k, n + 1, hows)
+    return dict(sorted(counts.items()))
+
+
+def beats_counts(runs: Sequence[Run], baseline: str = "dpo",
+                 significant: bool = False) -> dict[tuple[str, str], tuple[int, int]]:
+    """(entrant, eval key) -> (cells where it strictly beats ``baseline``, cells where both have a score).
+    ``significant``: count only cells where the 95% interval of the difference lies above 0
+    (:func:`difference`: for the win rate the paired bootstrap over prompts when both sides have
+    per-prompt outcomes, else, and for the other keys, the seed-paired t-interval; cells where neither
+    applies, e.g. fewer than two common seeds, count as not significant)."""
+    return {k: (v[0], v[1]) for k, v in _beats(runs, baseline, significant).items()}
+
+
+def _how(hows: set) -> str:
+    if hows == {"prompts"}:
+        return "95% paired bootstrap over prompts"
+    if hows == {"prompts", "seeds"}:
+        return "95% paired bootstrap over prompts, over seeds where a cell lacks outcomes"
+    return "95% over seeds"
 
 
 def beats_sentences(runs: Sequence[Run], baseline: str = "dpo") -> list[str]:
-    """Lines like "adadpo beats dpo on LC win rate in 13 of 16 cells (significantly in 4)"; the
-    significance part when the runs have several seeds."""
-    titles = dict(GRID_METRICS)
+    """Lines like "adadpo beats dpo on LC win rate in 13 of 16 cells (significantly, 95% over seeds:
+    in 4)"; the significance part when the runs have several seeds, or for the win rate per-prompt
+    outcomes."""
+    titles = dict(grid_metrics(runs))
     seeded = any(isinstance(e, Seeds) for c in _entrants(runs).values() for e in c.values())
-    sig = beats_counts(runs, baseline, significant=True) if seeded else {}
+    sig = _beats(runs, baseline, True)
     out = []
     for (name, key), (k, n) in beats_counts(runs, baseline).items():
-        extra = f" (significantly, 95% over seeds: in {sig[(name, key)][0]})" if (name, key) in sig else ""
+        k_sig, _, hows = sig[(name, key)]
+        extra = f" (significantly, {_how(hows)}: in {k_sig})" if seeded or hows else ""
         out.append(f"{name} beats {baseline} on {titles[key]} in {k} of {n} cell{'s' if n != 1 else ''}{extra}")
     return out
 
 
+def _diff_cell(d: tuple[float, float, float, str] | None) -> str:
+    if d is None:
+        return "-"
+    star = " *" if d[1] > 0 or d[2] < 0 else ""
+    if d[3] == "prompts":
+        return f"{fmt(d[0], signed=True)} [{fmt(d[1], signed=True)}, {fmt(d[2], signed=True)}]{star}"
+    return f"{fmt(d[0], signed=True)} ± {fmt((d[2] - d[1]) / 2)}{star}"
+
+
 def seeds_table(runs: Sequence[Run], baseline: str = "dpo") -> str | None:
     """Per cell and method run with several seeds: each grid metric as mean +- the 95% half-width over
-    seeds, and the seed-paired difference to ``baseline`` with * where its interval excludes 0."""
-    rows = []
+    seeds, and the seed-paired difference to ``baseline`` with * where its interval excludes 0. The win
+    rate, when the seeds have per-prompt outcomes: mean [95% interval] by the bootstrap over prompts
+    (:func:`win_rate_interval`), and the paired bootstrap over prompts of the difference
+    (:func:`prompt_difference`)."""
+    metrics = grid_metrics(runs)
+    rows, win = [], set()  # win: how the win-rate columns' intervals were made ("prompts", "seeds")
     for cell, entrants in _entrants(runs).items():
         base = entrants.get(baseline)
         for name, e in sorted(entrants.items()):
             if not isinstance(e, Seeds):
                 continue
             row = [cell, name, str(len(e.runs))]
-            for key, _ in GRID_METRICS:
-                ci = e.ci(key)
-                row.append("-" if ci is None else f"{fmt(ci[0])} ± {fmt(ci[1]) if ci[1] == ci[1] else '-'}")
-                d = paired_difference(e, base, key) if base is not None and name != baseline else None
-                row.append("-" if d is None else
-                           f"{fmt(d[0], signed=True)} ± {fmt(d[1])}{' *' if abs(d[0]) > d[1] else ''}")
+            for key, _ in metrics:
+                is_win = key == WIN_RATE_METRIC[0]
+                iv, ci = win_rate_interval(e) if is_win else None, e.ci(key)
+                if iv is not None:
+                    row.append(f"{fmt(iv[0])} [{fmt(iv[1])}, {fmt(iv[2])}]")
+                else:
+                    row.append("-" if ci is None else f"{fmt(ci[0])} ± {fmt(ci[1]) if ci[1] == ci[1] else '-'}")
+                d = difference(e, base, key) if base is not None and name != baseline else None
+                row.append(_diff_cell(d))
+                if is_win:
+                    win |= {"prompts" if iv is not None else "seeds"} if iv is not None or ci is not None else set()
+                    win |= {d[3]} if d is not None else set()
             rows.append(row)
     if not rows:
         return None
     header = ["cell", "method", "seeds"]
-    for _, title in GRID_METRICS:
-        header += [f"{title} (mean ± 95%)", f"− {baseline} (paired)"]
-    return _markdown(header, rows) + ("\n\n± is the half-width of the 95% t-interval over seeds; the paired "
-                                      f"column is the mean over seeds of (method − {baseline}) with its interval, "
-                                      "* where it excludes 0.")
+    for key, title in metrics:
+        bracket = key == WIN_RATE_METRIC[0] and "prompts" in win
+        header += [f"{title} (mean {'[95%]' if bracket else '± 95%'})", f"− {baseline} (paired)"]
+    note = ("± is the half-width of the 95% t-interval over seeds; the paired column is the mean over seeds of "
+            f"(method − {baseline}) with its 95% t-interval (paired by seed); * where the interval excludes 0.")
+    if "prompts" in win:
+        note += (" Win rate: [low, high] is the 95% percentile interval of a bootstrap over prompts "
+                 f"({BOOTSTRAP_RESAMPLES} resamples of the prompt ids all seeds share; each resample's win rate is "
+                 "the mean over seeds of each seed's mean outcome; the mean shown is that of the shared prompts, which "
+                 "differs from the mean of the seeds' win rates when they scored different prompts), and its paired column is the paired bootstrap "
+                 f"of the difference (the same resampled prompt ids for the method and {baseline}, those both "
+                 "share, each side averaged over its seeds)"
+                 + ("; where a run lacks per-prompt outcomes, the t-interval over seeds as for the other columns."
+                    if "seeds" in win else "."))
+    return _markdown(header, rows) + "\n\n" + note
 
 
 def grid_table(runs: Sequence[Run], baseline: str = "dpo") -> str:
@@ -395,14 +631,14 @@ def grid_table(runs: Sequence[Run], baseline: str = "dpo") -> str:
     cells = _entrants(runs)
     if not cells:
         return "No run has a grid cell (`cell` in eval.json); no grid comparison."
-    rows = []
+    rows, metrics = [], grid_metrics(runs)
     for cell, entrants in cells.items():
         row = [cell, ", ".join(sorted(entrants))]
-        for key, _ in GRID_METRICS:
+        for key, _ in metrics:
             names, best = _winners(entrants, key)
             row.append(f"{' = '.join(names)} ({fmt(best)})" if names else "-")
         rows.append(row)
-    header = ["cell", "methods"] + [f"best {t}" for _, t in GRID_METRICS]
+    header = ["cell", "methods"] + [f"best {t}" for _, t in metrics]
     text = _markdown(header, rows)
     lines = beats_sentences(runs, baseline)
     if not lines and not any(baseline in e for e in cells.values()):
@@ -462,7 +698,7 @@ def _below_ref_sentence(runs: Sequence[Run]) -> str | None:
 def _tally(runs: Sequence[Run]) -> list[str]:
     """"On gold reward adadpo wins 10 of 16 cells, dpo 6"."""
     out = []
-    for key, title in GRID_METRICS:
+    for key, title in grid_metrics(runs):
         winners = [_winners(entrants, key)[0] for entrants in _entrants(runs).values()]
         scored = sum(bool(w) for w in winners)
         if scored:
@@ -495,7 +731,10 @@ def build_report(runs: Sequence[Run], baseline: str = "dpo") -> str:
     lines += [f"- **{r.label}**: `{r.path}`" for r in runs]
     lines += ["", "## Comparison", "", comparison_table(runs), "",
               "Δ columns: last minus first logged value (probe set when logged, else training batches); "
-              "grad ratio: median over the steps of diag/logit_grad_ratio, rejected over chosen.", ""]
+              "grad ratio: median over the steps of diag/logit_grad_ratio, rejected over chosen."
+              + (" Win rate [low, high]: its 95% interval over prompts (win_rate_ci of eval_prompts.json, else "
+                 f"a bootstrap of the run's per-prompt outcomes, {BOOTSTRAP_RESAMPLES} resamples)."
+                 if any(win_rate_interval(r) is not None for r in runs) else ""), ""]
     if any(r.cell is not None for r in runs):
         lines += ["## Grid", "", grid_table(runs, baseline), ""]
         seeds = seeds_table(runs, baseline)
