@@ -31,7 +31,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from poise.data import TokenizedPair, collate_pairs, collate_sequences
-from poise.model.logprobs import batch_logps, pair_logps
+from poise.model.logprobs import TokenLogps, batch_logps, pair_logps
 from poise.ops import logit_grad_sq, masked_sum, upcast
 from poise.seq import PairSeq
 from poise.types import PairLogps
@@ -46,19 +46,29 @@ def _branch_norm(dl: Tensor, lp: Tensor, mask: Tensor, sum_p2: Tensor) -> Tensor
     return masked_sum(sq, mask).sqrt()
 
 
-def step_metrics(pl: PairLogps, loss: Tensor, objective) -> dict[str, Tensor]:
-    """Logit-space gradient norms, sigma(-u) and displacement for one micro-batch (no parameter work:
-    the gradient is taken w.r.t. the per-token log-probs only)."""
-    out: dict[str, Tensor] = {}
-    if pl.chosen_stats and "sum_p2" in pl.chosen_stats and pl.chosen.requires_grad:
-        dw, dl = torch.autograd.grad(loss, (pl.chosen, pl.rejected), retain_graph=True, allow_unused=True)
-        dw = torch.zeros_like(pl.chosen) if dw is None else dw
-        dl = torch.zeros_like(pl.rejected) if dl is None else dl
-        nw = _branch_norm(dw, pl.chosen, pl.chosen_mask, pl.chosen_stats["sum_p2"])
-        nl = _branch_norm(dl, pl.rejected, pl.rejected_mask, pl.rejected_stats["sum_p2"])
-        out["diag/logit_grad_norm_chosen"] = nw.mean()
-        out["diag/logit_grad_norm_rejected"] = nl.mean()
-        out["diag/logit_grad_ratio"] = (nl.sum() / nw.sum().clamp(min=1e-30))
+def step_metrics(pl: PairLogps, loss: Tensor, objective, into: dict | None = None) -> dict[str, Tensor]:
+    """Logit-space gradient norms, sigma(-u) and displacement for one micro-batch, with no pass of their
+    own: sigma(-u) and displacement from the log-probs at hand, and the branch norms read off the step's own
+    backward, whose gradient w.r.t. each branch's per-token log-probs is caught on its way through (hooks),
+    with the closed form of :func:`_branch_norm`. The norms enter the returned dict when the step
+    backpropagates ``loss`` (or any multiple of it: the factor, e.g. the engine's number of processes, is
+    read off the gradient reaching ``loss`` and divided out), so read it after the backward. The metrics are
+    written into ``into`` (a new dict by default), which is returned."""
+    out: dict[str, Tensor] = {} if into is None else into
+    if pl.chosen_stats and "sum_p2" in pl.chosen_stats and pl.chosen.requires_grad and loss.requires_grad:
+        scale: list[Tensor] = []
+        loss.register_hook(lambda g: scale.append(g.detach().float()))
+
+        def branch_norms(grads) -> None:
+            dw, dl = (torch.zeros_like(t) if g is None else g.detach() / scale[-1]
+                      for g, t in zip(grads, (pl.chosen, pl.rejected)))
+            nw = _branch_norm(dw, pl.chosen.detach(), pl.chosen_mask, pl.chosen_stats["sum_p2"])
+            nl = _branch_norm(dl, pl.rejected.detach(), pl.rejected_mask, pl.rejected_stats["sum_p2"])
+            out["diag/logit_grad_norm_chosen"] = nw.mean()
+            out["diag/logit_grad_norm_rejected"] = nl.mean()
+            out["diag/logit_grad_ratio"] = nl.sum() / nw.sum().clamp(min=1e-30)
+
+        torch.autograd.graph.register_multi_grad_hook((pl.chosen, pl.rejected), branch_norms, mode="all")
     with torch.no_grad():
         seq = PairSeq.build(pl, read_reference=objective.needs_reference)
         r_w, r_l = objective.loss_spec.rewards(seq, objective.loss_hp)
@@ -68,7 +78,7 @@ def step_metrics(pl: PairLogps, loss: Tensor, objective) -> dict[str, Tensor]:
         if seq.h_w is not None:
             out["diag/chosen_below_ref_frac"] = (seq.h_w < 0).to(w.dtype).mean()
             out["diag/rejected_below_ref_frac"] = (seq.h_l < 0).to(w.dtype).mean()
-    return {k: v.detach() for k, v in out.items()}
+    return out
 
 
 class Probe:
@@ -95,10 +105,18 @@ class Probe:
             others = [(p.prompt_ids, self.pairs[(i + 1) % n].chosen_ids) for i, p in enumerate(self.pairs)]
         self.others = list(others)
 
+    def _chunks(self):
+        size = self.micro_batch_size
+        return [self.pairs[i:i + size] for i in range(0, len(self.pairs), size)]
+
     @torch.no_grad()
     def _forward(self, model, device, stats: Sequence[str]):
-        b = collate_pairs(self.pairs, self.pad).to(device)
-        return batch_logps(model, b, stats=tuple(stats), chunk_size=self.chunk_size)
+        """The probe pairs' per-token log-probs and statistics, ``micro_batch_size`` pairs per pass (the
+        memory of a training micro-batch's forward at most), joined as one batch: chosen rows, then
+        rejected, padded to the longest row."""
+        parts = [batch_logps(model, collate_pairs(part, self.pad).to(device), stats=tuple(stats),
+                             chunk_size=self.chunk_size) for part in self._chunks()]
+        return _join_pairs(parts)
 
     @torch.no_grad()
     def _logp_metrics(self, model, device, out) -> dict[str, float]:
@@ -110,10 +128,20 @@ class Probe:
                "probe/entropy": out.stats["entropy"][:n][cm].mean().item(),
                "probe/greedy_logp": out.stats["max_p"][:n][cm].clamp(min=1e-30).log().mean().item()}
         if self.others:
-            o = collate_sequences(self.others, self.pad).to(device)
-            ol = batch_logps(model, o, chunk_size=self.chunk_size)
-            res["probe/others_logp"] = ol.logps.sum(-1).mean().item()
+            rows = 2 * self.micro_batch_size  # as many rows as a micro-batch of pairs
+            total = 0.0
+            for i in range(0, len(self.others), rows):
+                o = collate_sequences(self.others[i:i + rows], self.pad).to(device)
+                total += batch_logps(model, o, chunk_size=self.chunk_size).logps.sum(-1).double().sum().item()
+            res["probe/others_logp"] = total / len(self.others)
         return res
+
+    def work(self) -> float:
+        """The positions one :meth:`measure` computes, a forward counting 1 and a forward with its backward 3
+        (the unit of :func:`plan_probes`): the no-grad pass over both rows of each pair and over the
+        unrelated responses, and each branch's rows forward and backward."""
+        rows = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in self.pairs)
+        return 4.0 * rows + sum(len(a) + len(b) for a, b in self.others)
 
     def logps(self, model, device) -> dict[str, float]:
         return self._logp_metrics(model, device, self._forward(model, device, ("entropy", "max_p")))
@@ -150,15 +178,19 @@ class Probe:
         dw, dl = torch.autograd.grad(loss, (pl.chosen, pl.rejected))
         vw = self._branch_grad(model, trainable, device, dw, pl.chosen_mask, "chosen_ids")
         vl = self._branch_grad(model, trainable, device, dl, pl.rejected_mask, "rejected_ids")
-        nw, nl = vw.norm(), vl.norm()
+        # per tensor, no flattened copy: the branch gradients are the probe's only parameter-sized memory
+        nw = torch.stack([t.square().sum() for t in vw]).sum().sqrt()
+        nl = torch.stack([t.square().sum() for t in vl]).sum().sqrt()
+        dot = torch.stack([torch.dot(a.flatten(), b.flatten()) for a, b in zip(vw, vl)]).sum()
         return {"diag/param_grad_norm_chosen": nw.item(), "diag/param_grad_norm_rejected": nl.item(),
                 "diag/param_grad_ratio": (nl / nw.clamp(min=1e-30)).item(),
-                "diag/param_grad_cosine": (vw @ vl / (nw * nl).clamp(min=1e-30)).item()}
+                "diag/param_grad_cosine": (dot / (nw * nl).clamp(min=1e-30)).item()}
 
-    def _branch_grad(self, model, trainable, device, d: Tensor, mask: Tensor, side: str) -> Tensor:
-        """The parameter gradient through one branch: sum over chunks of micro_batch_size pairs of the
-        vector-Jacobian product of that branch's per-token log-probs with ``d`` (dL/dlog-prob)."""
-        total = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in trainable]
+    def _branch_grad(self, model, trainable, device, d: Tensor, mask: Tensor, side: str) -> list[Tensor]:
+        """The parameter gradient through one branch, one fp32 tensor per trainable parameter: the sum over
+        chunks of micro_batch_size pairs of the vector-Jacobian product of that branch's per-token log-probs
+        with ``d`` (dL/dlog-prob). The first chunk's gradient is kept as the sum (no zeroed copy)."""
+        total: list[Tensor] | None = None
         size = self.micro_batch_size
         for i in range(0, len(self.pairs), size):
             part = self.pairs[i:i + size]
@@ -167,9 +199,55 @@ class Probe:
             g = torch.zeros_like(lp.logps)
             g[lp.mask] = d[i:i + size][mask[i:i + size]].to(g.dtype)  # the same tokens, in the same order
             gs = torch.autograd.grad(lp.logps, trainable, grad_outputs=g, allow_unused=True)
-            for t, gp in zip(total, gs):
-                if gp is not None:
-                    t.add_(gp.float())
+            del lp, g
+            gs = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) if gp is None else gp.float()
+                  for p, gp in zip(trainable, gs)]
+            if total is None:
+                total = gs
+            else:
+                for t, gp in zip(total, gs):
+                    t.add_(gp)
+            del gs
             if getattr(self, "_bar", None) is not None:
                 self._bar.update(1)
-        return torch.cat([t.flatten() for t in total])
+        return total or []
+
+
+def _join_pairs(parts: list[TokenLogps]) -> TokenLogps:
+    """Chunks of pairs (each: its chosen rows, then its rejected rows) as one batch of all the chosen rows,
+    then all the rejected rows, padded on the right to the longest row (log-probs, mask and statistics 0
+    there, as the collation pads)."""
+    if len(parts) == 1:
+        return parts[0]
+    width = max(p.logps.shape[1] for p in parts)
+
+    def pad(t: Tensor) -> Tensor:
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]))
+
+    def join(get) -> Tensor:
+        halves = [(get(p)[:get(p).shape[0] // 2], get(p)[get(p).shape[0] // 2:]) for p in parts]
+        return torch.cat([pad(c) for c, _ in halves] + [pad(r) for _, r in halves])
+
+    return TokenLogps(join(lambda p: p.logps), join(lambda p: p.mask),
+                      {k: join(lambda p, k=k: p.stats[k]) for k in parts[0].stats}, parts[0].path)
+
+
+def plan_probes(total: int, every: int, budget: float, ratio: float) -> tuple[int, ...]:
+    """The steps a run probes at (0: before step 1). The candidates are 0, every ``every``-th step and the
+    last step (``total``); with ``budget`` 0, all of them. Otherwise a probe costs ``ratio`` training steps
+    of work (:meth:`Probe.work` over a step's), and the probes may do ``budget`` of the run's training work:
+    ``n = floor(budget * total / ratio)`` probes. Which: none when n = 0; the last step when n = 1; the first
+    and the last, and n - 2 of the candidates between them evenly spread, when n >= 2. The plan follows from
+    the config and the data alone: every machine, and a resumed run, probes at the same steps."""
+    cands = sorted({0, total} | (set(range(every, total, every)) if every > 0 else set()))
+    if not budget:
+        return tuple(cands)
+    n = int(budget * total / max(ratio, 1e-12) + 1e-9)
+    if n <= 0:
+        return ()
+    if n == 1:
+        return (total,)
+    inner = [s for s in cands if 0 < s < total]
+    k = min(n - 2, len(inner))
+    picked = {inner[min(int((i + 0.5) * len(inner) / k), len(inner) - 1)] for i in range(k)} if k else set()
+    return tuple(sorted({0, total} | picked))

@@ -8,7 +8,6 @@ import copy
 import json
 import logging
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from tqdm.auto import tqdm
 
 from poise import fsutil
 from poise.data import sft_sequences
-from poise.diagnostics.imbalance import Probe
+from poise.diagnostics.imbalance import Probe, plan_probes
 from poise.errors import ConfigError
 from poise.model.load import (
     add_lora,
@@ -63,16 +62,14 @@ class RunState:
     probe_ref: Any = None  # (P, 2) reference sums of the probe pairs
     state: dict[str, Any] = field(default_factory=dict)  # the task's explicit state (balancers)
     engine: Any = None  # how the processes share the model (poise/training/engines.py)
-    #: the probes' time: spent so far, the last probe's, when the run started (poise's budget)
-    probe_clock: dict[str, float] = field(default_factory=lambda: {"spent": 0.0, "last": 0.0,
-                                                                     "start": time.perf_counter()})
+    #: the steps the probes run at (0: before step 1), from :func:`poise.diagnostics.imbalance.plan_probes`
+    probe_steps: frozenset[int] = frozenset()
 
     def probe_metrics(self) -> dict[str, float]:
         """Squeezing probes and parameter-space gradient norms on the probe batch, measured on the main
         process on the whole model (every rank calls this: a sharded model is gathered)."""
         if self.probe is None:
             return {}
-        t0 = time.perf_counter()
         with self.engine.full_model() as model, self.accelerator.autocast():  # the training precision
             if model is None:
                 out = {}
@@ -80,18 +77,7 @@ class RunState:
                 trainable = [p for p in model.parameters() if p.requires_grad]
                 out = self.probe.measure(model, self.task.objective, self.state, trainable,
                                          self.accelerator.device, self.probe_ref)
-        self.probe_clock["spent"] += time.perf_counter() - t0
-        self.probe_clock["last"] = time.perf_counter() - t0
         return out
-
-    def probe_due(self) -> bool:
-        """Whether a scheduled probe fits the budget: the probes' time so far plus one more (as long as
-        the last) within ``diagnostics_budget`` of the time since the run started. The main process
-        decides, every rank follows (a sharded model's gather is a collective)."""
-        budget = self.cfg.diagnostics_budget
-        clock = self.probe_clock
-        due = not budget or clock["spent"] + clock["last"] <= budget * (time.perf_counter() - clock["start"])
-        return bool(self.engine.broadcast(due))
 
     def unwrapped_model(self):
         """The Hugging Face model as this process holds it (its parameters are shards under FSDP)."""
@@ -355,6 +341,28 @@ def _probe(cfg: TrainConfig, others, tokenizer, task, eval_task, device) -> tupl
     return probe, source.ref_sums_for(idx, device)
 
 
+def _probe_plan(cfg: TrainConfig, task, probe: Probe | None, schedule: Schedule) -> frozenset[int]:
+    """The steps the probes run at: :func:`plan_probes` with a probe's work over a training step's (the
+    positions each computes, a forward and backward counting 3), said in the log."""
+    if probe is None:
+        return frozenset()
+    shared = task.layout == "shared"  # one row per pair, the prompt once
+    per_pair = sum((1 if shared else 2) * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
+                   for p in task.pairs) / max(len(task.pairs), 1)
+    ratio = probe.work() / (3.0 * per_pair * min(cfg.batch_size, len(task.pairs)))
+    steps = plan_probes(schedule.total, cfg.diagnostics_steps, cfg.diagnostics_budget, ratio)
+    budget = f"diagnostics_budget {cfg.diagnostics_budget:g} of {schedule.total} steps"
+    if steps:
+        shown = ", ".join(map(str, steps[:12])) + (", ..." if len(steps) > 12 else "")
+        log.info("probes at steps %s (%d; each about %.1f training steps of work; %s)", shown, len(steps), ratio,
+                 budget if cfg.diagnostics_budget else "diagnostics_budget 0: every diagnostics_steps")
+    else:
+        log.warning("no probe fits %s (a probe is about %.1f training steps of work): the every-step diagnostics "
+                    "are logged, the probes (probe/*, diag/param_grad_*) are not; set diagnostics_budget: 0 to "
+                    "probe every diagnostics_steps anyway", budget, ratio)
+    return frozenset(steps)
+
+
 def make_engine(cfg: TrainConfig, accelerator, name: str) -> Engine:
     """The engine ``name`` (from :func:`poise.training.launch.check_launch`) over ``accelerator``'s processes."""
     if name == "fsdp":
@@ -422,4 +430,4 @@ def build_run(cfg: TrainConfig) -> RunState:
         (run_dir / "data_summary.json").write_text(json.dumps({"train": data.summary()}))
     return RunState(cfg, acc, run_dir, tokenizer, model, module, optimizer, scheduler, schedule, task, eval_task,
                     [p for p in module.parameters() if p.requires_grad], probe, probe_ref, task.init_state(),
-                    engine)
+                    engine, _probe_plan(cfg, task, probe, schedule))

@@ -131,14 +131,17 @@ class TrainConfig:
     diagnostics: bool = F(True, "Log the imbalance every step (logit-space gradient norms of each branch, "
                           "sigma(-u), likelihood displacement) and, every diagnostics_steps, parameter-space "
                           "gradient norms and squeezing probes on a fixed probe batch.", "diagnostics")
-    diagnostics_steps: int = F(10, "Probe every this many steps (0: only at the start and the end), within "
-                               "diagnostics_budget.", "diagnostics")
+    diagnostics_steps: int = F(10, "Probe every this many steps (0: only at the start and the end), as far as "
+                               "diagnostics_budget allows.", "diagnostics")
     diagnostics_budget: float = F(
-        0.05, "The largest share of the run's time the probes may take: a probe due every diagnostics_steps "
-        "is skipped while the probes' time so far plus one more would exceed this share of the time since the "
-        "start (the start and end probes always run; on a run of a few dozen steps they alone can exceed "
-        "it). 0: no budget, every diagnostics_steps. The every-step diagnostics cost no budget (they reuse "
-        "the step's own pass).", "diagnostics")
+        0.03, "The largest share of the run's training work the probes may add, a probe's work counted against "
+        "a training step's (positions computed; the log says how many steps a probe costs). The candidates are "
+        "the start, every diagnostics_steps and the end; when n = floor(budget x steps / a probe's cost) is "
+        "smaller than their number, the probes run at the end (n = 1), or at the start, the end and n - 2 "
+        "steps spread between (n >= 2), or not at all (n = 0: a warning says so). The plan follows from the "
+        "config and the data only, so every machine and a resumed run probe at the same steps. 0: no budget, "
+        "every candidate. The every-step diagnostics (about 2% of a step) are not counted: with the default "
+        "0.03 all the diagnostics stay within 5% of the run's time.", "diagnostics")
     probe_pairs: int = F(16, "Pairs in the probe batch (from eval_file when given, else train_file).",
                          "diagnostics")
     probe_file: str | None = F(None, "Prompt/response rows unrelated to the training pairs, to measure "

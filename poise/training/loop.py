@@ -237,7 +237,7 @@ def _after_step(run: RunState, step: int, metrics: dict[str, float], logger: Run
     cfg, sched = run.cfg, run.schedule
     if step == 1 and run.accelerator.num_processes > 1:
         run.check_replicas_agree()
-    if (cfg.diagnostics_steps and step % cfg.diagnostics_steps == 0 and run.probe_due()) or step == sched.total:
+    if step in run.probe_steps:
         metrics.update(run.probe_metrics())
     if step % cfg.logging_steps == 0 or step == sched.total:
         logger.write(step, {"epoch": step / sched.per_epoch, **metrics})
@@ -311,8 +311,8 @@ def _train(cfg: TrainConfig) -> TrainResult:
         fsutil.atomic_write_text(run.run_dir / "config.yaml", dump_config(run.resolved_config()))
     logger = RunLogger(run.run_dir, cfg.report_to, cfg.to_dict(), main=run.accelerator.is_main_process,
                        resume=start > 0)
-    if start == 0:
-        logger.write(0, run.probe_metrics())  # the probes' start values
+    if start == 0:  # the probes' start values, when the plan has them (a row for step 0 either way)
+        logger.write(0, run.probe_metrics() if 0 in run.probe_steps else {})
     stop = _StopFlag(run.accelerator)
     try:
         step, metrics = _loop(run, start, logger, stop)

@@ -115,7 +115,7 @@ class PreferenceTask:
         out = self.objective(pl, state, num_pairs=num_items, num_chosen_tokens=num_tokens, positions=positions)
         metrics = out.metrics
         if self.diagnostics and torch.is_grad_enabled():
-            metrics = {**metrics, **step_metrics(pl, out.loss, self.objective)}
+            metrics = step_metrics(pl, out.loss, self.objective, into=dict(metrics))  # the norms: in the backward
         return out.loss, metrics, out.per_pair
 
     @torch.no_grad()

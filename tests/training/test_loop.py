@@ -194,23 +194,18 @@ def test_gate_calibrates_before_step_1_on_all_pairs_of_a_small_run(make_cfg, ass
     assert 0.0 <= out["reward_accuracy"] <= 1.0
 
 
-def test_the_probes_keep_to_their_budget(monkeypatch):
-    """A probe due every diagnostics_steps runs only while the probes' time so far plus one more stays
-    within diagnostics_budget of the time since the start; budget 0: every time."""
-    import time
-    from types import SimpleNamespace
+def test_the_probes_run_at_the_planned_steps(make_cfg, caplog):
+    """diagnostics_budget 0: the start, every diagnostics_steps and the end. The default budget on a 4-step
+    run affords no probe (each costs about 4 steps): none run, a warning says so and how to get them, and
+    the every-step diagnostics are still logged. A budget that affords two (of 7 candidates): the start and the end."""
+    def probe_steps(res):
+        return [r["step"] for r in read_metrics(res.run_dir) if "diag/param_grad_ratio" in r]
 
-    from poise.training.build import RunState
-
-    run = RunState.__new__(RunState)
-    run.engine = SimpleNamespace(broadcast=lambda x: x)
-    now = 1000.0
-    monkeypatch.setattr(time, "perf_counter", lambda: now)
-    run.probe_clock = {"spent": 4.0, "last": 2.0, "start": now - 100.0}  # 6 s of 100 s: 6%
-    run.cfg = SimpleNamespace(diagnostics_budget=0.05)
-    assert not run.probe_due()
-    run.probe_clock["start"] = now - 120.0  # 6 s of 120 s: 5%
-    assert run.probe_due()
-    run.cfg = SimpleNamespace(diagnostics_budget=0.0)
-    run.probe_clock["start"] = now - 1.0
-    assert run.probe_due()
+    every = train(make_cfg(name="all", method="dpo", diagnostics_steps=2, diagnostics_budget=0.0))
+    assert probe_steps(every) == [0, 2, 4]
+    with caplog.at_level("WARNING", logger="poise"):
+        none = train(make_cfg(name="none", method="dpo", diagnostics_steps=2))
+    assert probe_steps(none) == [] and "no probe fits diagnostics_budget" in caplog.text
+    assert all("diag/logit_grad_ratio" in r for r in steps(none.run_dir))
+    two = train(make_cfg(name="two", method="dpo", diagnostics_steps=2, diagnostics_budget=0.9, max_steps=12))
+    assert probe_steps(two) == [0, 12]  # 0.9 x 12 / 4.1: 2 probes

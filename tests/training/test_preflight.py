@@ -74,7 +74,8 @@ def test_a_probe_run_trains_with_a_conversational_probe_file(assets, tmp_path):
     from poise.training.runlog import read_metrics
 
     probe = _write(tmp_path / "probe.jsonl", [PROBES["messages"]] * 4)
-    result = train(_cfg(assets, tmp_path, [CHAT] * 4, probe_file=probe, method="dpo", diagnostics_steps=1))
+    result = train(_cfg(assets, tmp_path, [CHAT] * 4, probe_file=probe, method="dpo", diagnostics_steps=1,
+                          diagnostics_budget=0.0))
     start = read_metrics(result.run_dir)[0]
     assert start["step"] == 0 and "probe/others_logp" in start
 
