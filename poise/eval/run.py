@@ -211,7 +211,7 @@ def render_prompt(data: dict, tokenizer, *, where: str) -> str:
 
 def evaluate_prompts(run_dir: str | Path, prompts_file: str, reward: str, *, baseline: str | None = None,
                      num_prompts: int = 64, max_new_tokens: int = 128, seed: int = 0,
-                     on_bad_row: str = "error") -> dict[str, Any]:
+                     on_bad_row: str = "error", backend: str = "auto") -> dict[str, Any]:
     """Generate for the prompts of ``prompts_file`` with the run's model and a baseline (a model folder or
     a run folder; default the run's reference model), compare the two replies to each prompt with
     ``reward`` (:func:`poise.eval.rewards.load_reward`: a pointwise reward scores both, the outcome is 1,
@@ -222,8 +222,11 @@ def evaluate_prompts(run_dir: str | Path, prompts_file: str, reward: str, *, bas
     indices of the compared prompts in the file's order, to pair two runs prompt by prompt) and
     ``win_rate_ci``, the 95% percentile bootstrap interval of the win rate over prompts
     (:func:`poise.testbed.evaluate.bootstrap_ci`, 2000 resamples, seed 0).
+    Both sides generate greedily with ``backend`` (:func:`poise.model.generate.choose_backend`: vLLM when it is
+    installed and a GPU is present, Hugging Face otherwise; a GGUF baseline always with Hugging Face).
     Writes ``eval_prompts.json`` and ``generations_prompts.jsonl`` in the run folder."""
     from poise.eval.rewards import compare_sides, load_reward
+    from poise.model.generate import choose_backend
     from poise.testbed.evaluate import bootstrap_ci, compare_outcomes
 
     run_dir = Path(run_dir)
@@ -237,11 +240,18 @@ def evaluate_prompts(run_dir: str | Path, prompts_file: str, reward: str, *, bas
     base = baseline or cfg.reference_model or cfg.model
     if (Path(base) / "model" / "config.json").is_file():  # a run folder: its final model
         base = str(Path(base) / "model")
-    policy = load_model(str(run_dir / "model"))
-    other = load_model(base, gguf_file=None if baseline or cfg.reference_model else cfg.gguf_file, key="baseline")
-    kw = dict(max_new_tokens=max_new_tokens, seed=seed)
-    out_a = [tokenizer.decode(c, skip_special_tokens=True) for c in generate_ids(policy, tokenizer, texts, **kw)]
-    out_b = [tokenizer.decode(c, skip_special_tokens=True) for c in generate_ids(other, tokenizer, texts, **kw)]
+    base_gguf = None if baseline or cfg.reference_model else cfg.gguf_file
+    paths = (str(run_dir / "model"), None if base_gguf else base)  # vLLM loads a folder itself
+
+    def replies(path: str | None, load) -> list[str]:
+        use = choose_backend(backend, path)
+        model = load() if use == "hf" else None
+        ids = generate_ids(model, tokenizer, texts, max_new_tokens=max_new_tokens, seed=seed, backend=use,
+                           model_path=path)
+        return [tokenizer.decode(c, skip_special_tokens=True) for c in ids]
+
+    out_a = replies(paths[0], lambda: load_model(str(run_dir / "model")))
+    out_b = replies(paths[1], lambda: load_model(base, gguf_file=base_gguf, key="baseline"))
     where = [r.where for r in rows]
     sides = compare_sides(scorer, texts, out_a, out_b, on_bad_row=on_bad_row, where=where)
     ga, gb = sides.scores_a, sides.scores_b

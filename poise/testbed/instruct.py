@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from poise.model.generate import generate
@@ -180,3 +181,22 @@ def probe_rows(tokenizer: Any, prompts: Sequence[str], *, seed: int = 0,
 
     return [{"prompt": render_prompt(tokenizer, r["prompt"], system), "response": r["response"].strip()}
             for r in testbed_probes(prompts, seed=seed)]
+
+
+def prompt_rows(prompts: Sequence[str], system: str | None = SYSTEM) -> list[dict[str, Any]]:
+    """Prompt-file rows of testbed prompts for ``poise iterate`` and ``poise eval --prompts-file``: the
+    conversation (:func:`chat_messages`: the system message and the instruction) as ``messages``, which
+    any model's chat template renders, and the testbed prompt as ``task``."""
+    return [{"messages": chat_messages(p, system), "task": p} for p in prompts]
+
+
+def write_prompt_files(folder: str | Path, *, train: int = 256, eval: int = 64, seed: int = 0) -> dict[str, Path]:
+    """``folder/instruct-train.jsonl`` and ``folder/instruct-eval.jsonl``: the instruct testbed's prompts
+    (:func:`poise.testbed.pairs.split_prompts`, disjoint) as :func:`prompt_rows`; the files shipped in
+    ``configs/iterate/`` are ``write_prompt_files("configs/iterate")``."""
+    from poise.testbed.pairs import split_prompts, write_jsonl
+
+    split = split_prompts(train, eval, 0, seed=seed)
+    folder = Path(folder)
+    return {"train": write_jsonl(prompt_rows(split.train), folder / "instruct-train.jsonl"),
+            "eval": write_jsonl(prompt_rows(split.eval), folder / "instruct-eval.jsonl")}

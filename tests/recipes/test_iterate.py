@@ -85,3 +85,216 @@ def test_a_bad_iterate_file_is_refused_with_the_key(tmp_path, change, match):
     path.write_text(yaml.safe_dump(spec))
     with pytest.raises(ConfigError, match=match):
         load_iterate(path)
+
+
+def test_methods_and_seeds_compare_with_shared_first_samples_and_a_report(tmp_path):
+    """methods x seeds: one iterate run each (output_dir/<label>/seed-<s>); round 1 of every method with the
+    same seed has the same samples (made once, copied); each run's last model is evaluated on the eval
+    prompts with the reward against the start model; report.md has the rounds table and the comparison;
+    the rounds' checkpoints are gone, their models kept."""
+    from poise.recipes.iterate import iterate_main
+
+    path = _setup(tmp_path, rounds=1)
+    spec = yaml.safe_load(path.read_text())
+    spec.update(methods={"dpo": {"method": "dpo"}, "ipo": {"method": "ipo", "beta": 0.5}}, seeds=[0, 1],
+                eval={"prompts_file": spec["prompts_file"], "prompts": 3, "max_new_tokens": 4})
+    path.write_text(yaml.safe_dump(spec))
+    finals = iterate_main(str(path))
+    out = tmp_path / "iter"
+    assert finals == [out / lab / f"seed-{s}" / "round-1" / "run" / "model" for lab in ("dpo", "ipo") for s in (0, 1)]
+    text = {(lab, s): (out / lab / f"seed-{s}" / "round-1" / "samples.jsonl").read_text()
+            for lab in ("dpo", "ipo") for s in (0, 1)}
+    assert text[("dpo", 0)] == text[("ipo", 0)] and text[("dpo", 1)] == text[("ipo", 1)]
+    assert text[("dpo", 0)] != text[("dpo", 1)]  # another seed samples other replies
+    for lab in ("dpo", "ipo"):
+        for s in (0, 1):
+            run = out / lab / f"seed-{s}" / "round-1" / "run"
+            info = json.loads((run / "eval.json").read_text())
+            assert info == {"label": lab, "cell": "rounds=1", "method": lab, "rounds": 1, "seed": s}
+            ev = json.loads((run / "eval_prompts.json").read_text())
+            assert ev["prompts"] == 3 and ev["baseline"] == spec["train"]["model"]
+            assert yaml.safe_load((run / "config.yaml").read_text())["seed"] == s
+            assert not (run / "checkpoints").exists() and (run / "model" / "config.json").is_file()
+    report = (out / "report.md").read_text()
+    assert "| run | round 1 |" in report and "| dpo |" in report and "(n=2)" in report
+
+
+def test_prompts_from_a_saved_dataset_split(tmp_path):
+    """prompts_file may be a dataset (a save_to_disk folder here; a Hub name the same way) and
+    prompts_split its split."""
+    import datasets
+
+    from poise.recipes.iterate import iterate_main
+
+    path = _setup(tmp_path, rounds=1)
+    folder = tmp_path / "ds"
+    datasets.DatasetDict({"test": datasets.Dataset.from_list([{"prompt": "a dog"}, {"prompt": "the owl"}])}
+                         ).save_to_disk(str(folder))
+    spec = yaml.safe_load(path.read_text())
+    spec.update(prompts_file=str(folder), prompts_split="test")
+    path.write_text(yaml.safe_dump(spec))
+    iterate_main(str(path))
+    rows = [json.loads(line) for line in (tmp_path / "iter" / "round-1" / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and "a dog" in rows[0]["prompt"] and "the owl" in rows[1]["prompt"]
+
+
+def test_a_round_killed_mid_training_resumes_to_the_same_model(tmp_path):
+    """SIGKILL while the round's training writes its step-2 checkpoint; the rerun resumes the round from
+    step 1 (its samples and pairs kept) and ends with the weights of an uninterrupted run."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    from poise.recipes.iterate import iterate_main
+
+    path = _setup(tmp_path, rounds=1)
+    spec = yaml.safe_load(path.read_text())
+    spec["train"].update(save_steps=1, max_steps=3, batch_size=1, micro_batch_size=1)
+    spec["keep_checkpoints"] = True
+    path.write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "POISE_TEST_KILL_AT": "state:2"}
+    p = subprocess.run([sys.executable, "-m", "poise", "iterate", str(path)], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == -9, p.stderr[-2000:]
+    r1 = tmp_path / "iter" / "round-1"
+    assert (r1 / "pairs.jsonl").is_file() and not (r1 / "round.json").exists()
+    stamp = (r1 / "samples.jsonl").stat().st_mtime_ns
+    iterate_main(str(path))
+    assert (r1 / "samples.jsonl").stat().st_mtime_ns == stamp
+    metrics = [json.loads(line) for line in (r1 / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3]
+    spec.update(output_dir=str(tmp_path / "whole"))
+    path.write_text(yaml.safe_dump(spec))
+    iterate_main(str(path))
+    a = load_file(str(r1 / "run" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "whole" / "round-1" / "run" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_gguf_start_is_converted_once(tmp_path, monkeypatch):
+    """train.gguf_file: the start is converted into output_dir/base once, and that folder is the start (and
+    the fixed reference) of every round; a second call reuses it."""
+    import poise.model.load as load
+    from poise.recipes.iterate import load_iterate, start_folder
+
+    model = save_tiny_model(tmp_path / "model")
+    calls = []
+    real_model, real_tok = load.load_model, load.load_tokenizer
+
+    def fake_model(source, gguf_file=None, **kw):
+        calls.append((source, gguf_file))
+        return real_model(str(model))
+
+    monkeypatch.setattr(load, "load_model", fake_model)
+    monkeypatch.setattr(load, "load_tokenizer", lambda source, gguf_file=None, **kw: real_tok(str(model)))
+    path = _setup(tmp_path, rounds=1)
+    spec = yaml.safe_load(path.read_text())
+    spec["train"].update(model=str(tmp_path), gguf_file="weights.gguf")
+    path.write_text(yaml.safe_dump(spec))
+    cfg = load_iterate(path)
+    base = start_folder(cfg)
+    assert base == str(tmp_path / "iter" / "base") and (tmp_path / "iter" / "base" / "config.json").is_file()
+    assert calls == [(str(tmp_path), "weights.gguf")]
+    assert start_folder(cfg) == base and len(calls) == 1
+
+
+JUDGE = '''
+def fewer_words(prompt, a, b):
+    la, lb = len(a.split()), len(b.split())
+    return 1.0 if la < lb else 0.0 if la > lb else 0.5
+'''
+
+
+def _reward_spec(kind, tmp_path, monkeypatch, model):
+    if kind == "file":
+        return f"{tmp_path / 'rw.py'}:shorter"
+    if kind == "module":
+        (tmp_path / "mods").mkdir()
+        (tmp_path / "mods" / "iter_rewards_mod.py").write_text(REWARD)
+        monkeypatch.syspath_prepend(str(tmp_path / "mods"))
+        return "iter_rewards_mod:shorter"
+    if kind == "builtin":
+        return "instruct"
+    if kind == "rm":
+        import torch
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+        tok = AutoTokenizer.from_pretrained(model)
+        torch.manual_seed(0)
+        LlamaForSequenceClassification(LlamaConfig(
+            vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            num_labels=1, pad_token_id=tok.pad_token_id)).save_pretrained(tmp_path / "rm")
+        tok.save_pretrained(tmp_path / "rm")
+        return f"rm:{tmp_path / 'rm'}"
+    if kind == "judge":
+        (tmp_path / "judge.py").write_text(JUDGE)
+        return f"judge:{tmp_path / 'judge.py'}:fewer_words"
+    return f"judge:{model}"  # the tiny causal LM itself as a judge
+
+
+@pytest.mark.parametrize("kind", ["file", "module", "builtin", "rm", "judge", "judge-model"])
+def test_a_round_with_each_kind_of_reward(tmp_path, monkeypatch, kind):
+    """Sampling, scoring, pairing and training with every kind of reward: a callable from a file or a
+    module, a built-in gold reward (instruct: the prompts are its instructions), a local reward model, a
+    pairwise judge callable (each reply scored by its mean preference over the prompt's other replies, so
+    a prompt's K scores sum to K/2) and a causal LM as the judge."""
+    from poise.recipes.iterate import iterate_main
+
+    path = _setup(tmp_path, rounds=1)
+    spec = yaml.safe_load(path.read_text())
+    spec["reward"] = _reward_spec(kind, tmp_path, monkeypatch, spec["train"]["model"])
+    if kind == "builtin":
+        prompts = tmp_path / "instruct.jsonl"
+        prompts.write_text("".join(json.dumps({"prompt": f"Repeat these words exactly: {w}. Reply with the words only."})
+                                   + "\n" for w in ("cat dog", "owl", "red sun hat", "a b")))
+        spec["prompts_file"] = str(prompts)
+    path.write_text(yaml.safe_dump(spec))
+    r1 = tmp_path / "iter" / "round-1"
+    if kind == "builtin":  # the untrained tiny model never repeats the words: every reply scores 0, all tie
+        from poise.errors import DataError
+        from poise.testbed.instruct import gold_reward
+
+        with pytest.raises(DataError, match=r"round 1: no pair: every prompt's replies had equal rewards \(4 ties\)"):
+            iterate_main(str(path))
+        samples = [json.loads(line) for line in (r1 / "samples.jsonl").read_text().splitlines()]
+        assert all(s["rewards"] == [gold_reward(s["prompt"], x) for x in s["replies"]] == [0.0] * 3 for s in samples)
+        return
+    iterate_main(str(path))
+    samples = [json.loads(line) for line in (r1 / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and all(len(s["replies"]) == 3 and len(s["rewards"]) == 3 for s in samples)
+    assert all(isinstance(x, float) for s in samples for x in s["rewards"])
+    if kind.startswith("judge"):
+        assert all(sum(s["rewards"]) == pytest.approx(1.5, rel=1e-6) for s in samples)
+    if kind == "judge":  # by hand: the mean over the other two replies of 1 (fewer words), 0.5 or 0
+        for s in samples:
+            n = [len(x.split()) for x in s["replies"]]
+            want = [sum(1.0 if n[i] < n[j] else 0.0 if n[i] > n[j] else 0.5 for j in range(3) if j != i) / 2
+                    for i in range(3)]
+            assert s["rewards"] == pytest.approx(want, rel=1e-9)
+    info = json.loads((r1 / "round.json").read_text())
+    assert info["pairs"] + info["ties_dropped"] >= 1 and info["samples"] == 12
+    if info["pairs"]:
+        assert (r1 / "run" / "model" / "config.json").is_file()
+
+
+def test_the_shipped_smollm2_comparison_config_and_its_prompt_files(tmp_path):
+    """configs/iterate/smollm2-instruct.yaml reads as 15 runs (5 methods x 3 seeds, the quickstart's five
+    methods), and its prompt files are what write_prompt_files writes (disjoint train and held-out)."""
+    from pathlib import Path
+
+    from poise.recipes.iterate import load_iterate
+    from poise.testbed.instruct import write_prompt_files
+
+    root = Path(__file__).resolve().parents[2] / "configs" / "iterate"
+    cfg = load_iterate(root / "smollm2-instruct.yaml")
+    assert cfg.rounds >= 3 and len(cfg.seeds) >= 3 and cfg.reward == "instruct"
+    assert set(cfg.methods) == {"dpo", "adadpo", "adadpo-floor1", "gate-dpo", "balanced-dpo"}
+    assert len(cfg.runs()) == 15 and cfg.methods["adadpo-floor1"] == {"method": "adadpo", "ada_floor": 1.0}
+    files = write_prompt_files(tmp_path)
+    for name in ("train", "eval"):
+        assert (root / f"instruct-{name}.jsonl").read_text() == files[name].read_text()
+    tasks = [{json.loads(line)["task"] for line in files[n].read_text().splitlines()} for n in ("train", "eval")]
+    assert len(tasks[0]) == 256 and len(tasks[1]) == 64 and not tasks[0] & tasks[1]
