@@ -9,7 +9,8 @@ An iterate file::
     samples_per_prompt: 4                  # K replies per prompt from the current policy
     temperature: 0.8
     max_new_tokens: 64
-    prompts_per_round: 256                 # the first N prompts (all: omit)
+    prompts_per_round: 256                 # N prompts a round (all: omit)
+    new_prompts_each_round: false          # true: round r takes prompts (r-1)N+1 .. rN; false: the first N
     pairs: best_worst                      # best_worst | all | best_random
     reference: fixed                       # fixed: the starting model throughout; updated: each round's start
     seed: 0
@@ -59,6 +60,7 @@ class IterateConfig:
     temperature: float = 0.8
     max_new_tokens: int = 64
     prompts_per_round: int | None = None
+    new_prompts_each_round: bool = False
     pairs: str = "best_worst"
     reference: str = "fixed"
     seed: int = 0
@@ -122,6 +124,9 @@ def load_iterate(path: str | Path) -> IterateConfig:
               (isinstance(cfg.max_new_tokens, int) and cfg.max_new_tokens >= 1, "max_new_tokens is at least 1"),
               (cfg.prompts_per_round is None or (isinstance(cfg.prompts_per_round, int) and cfg.prompts_per_round >= 1),
                "prompts_per_round is a positive number of prompts (or omitted: all)"),
+              (isinstance(cfg.new_prompts_each_round, bool) and (
+                  not cfg.new_prompts_each_round or cfg.prompts_per_round is not None),
+               "new_prompts_each_round is true or false, and true needs prompts_per_round (the prompts of a round)"),
               (cfg.pairs in PAIRINGS, f"pairs is one of {', '.join(PAIRINGS)}"),
               (cfg.reference in REFERENCES, f"reference is one of {', '.join(REFERENCES)}"),
               (isinstance(cfg.train, dict) and "model" in cfg.train,
@@ -241,7 +246,7 @@ def _sample(cfg: IterateConfig, folder: Path, model_path: str, texts: list[str],
 def _key(cfg: IterateConfig, start: str) -> dict[str, Any]:
     """What round 1's samples depend on: two runs with the same key sample the same replies."""
     return {"start": start, "prompts_file": cfg.prompts_file, "prompts_split": cfg.prompts_split,
-            "prompts_per_round": cfg.prompts_per_round, "reward": cfg.reward, "k": cfg.samples_per_prompt,
+            "prompts_per_round": cfg.prompts_per_round, "new": cfg.new_prompts_each_round, "reward": cfg.reward, "k": cfg.samples_per_prompt,
             "temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed}
 
 
@@ -321,17 +326,25 @@ def _prompts(cfg: IterateConfig, tokenizer) -> tuple[list[str], list[str]]:
     from poise.eval.run import render_prompt
 
     rows = load_rows(cfg.prompts_file, split=cfg.prompts_split, required=())
-    if cfg.prompts_per_round:
-        rows = rows[:cfg.prompts_per_round]
+    n = cfg.prompts_per_round
+    if n and cfg.new_prompts_each_round and len(rows) < n * cfg.rounds:
+        raise ConfigError(f"{cfg._source}: new_prompts_each_round with {cfg.rounds} rounds of {n} prompts needs "
+                          f"{n * cfg.rounds} prompts; {cfg.prompts_file} has {len(rows)}. Lower rounds or "
+                          "prompts_per_round, or add prompts.")
+    if n:
+        rows = rows[:n * (cfg.rounds if cfg.new_prompts_each_round else 1)]
     return [render_prompt(r.data, tokenizer, where=r.where) for r in rows], [r.where for r in rows]
 
 
 def run_rounds(cfg: IterateConfig, first: str, texts: list[str], where: list[str],
                shared: Path | None = None) -> list[Path]:
-    """Every round of one run (a method and seed); returns the round models."""
+    """Every round of one run (a method and seed); returns the round models. Round r's prompts: the first
+    ``prompts_per_round``, or with ``new_prompts_each_round`` the r-th run of that many."""
     models, current = [], first
+    n = cfg.prompts_per_round or len(texts)
     for r in range(1, cfg.rounds + 1):
-        current = str(run_round(cfg, r, current, first, texts, where, shared if r == 1 else None))
+        part = slice((r - 1) * n, r * n) if cfg.new_prompts_each_round else slice(0, n)
+        current = str(run_round(cfg, r, current, first, texts[part], where[part], shared if r == 1 else None))
         models.append(Path(current))
     return models
 

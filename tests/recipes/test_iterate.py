@@ -298,3 +298,24 @@ def test_the_shipped_smollm2_comparison_config_and_its_prompt_files(tmp_path):
         assert (root / f"instruct-{name}.jsonl").read_text() == files[name].read_text()
     tasks = [{json.loads(line)["task"] for line in files[n].read_text().splitlines()} for n in ("train", "eval")]
     assert len(tasks[0]) == 256 and len(tasks[1]) == 64 and not tasks[0] & tasks[1]
+
+
+def test_new_prompts_each_round(tmp_path):
+    """new_prompts_each_round: round r samples prompts (r-1)N+1 .. rN; too few prompts for the rounds is
+    refused before any round starts, naming the numbers."""
+    from poise.recipes.iterate import iterate_main
+
+    path = _setup(tmp_path, rounds=2)
+    spec = yaml.safe_load(path.read_text())
+    spec.update(prompts_per_round=2, new_prompts_each_round=True)
+    path.write_text(yaml.safe_dump(spec))
+    iterate_main(str(path))
+    seen = [[json.loads(line)["prompt"] for line in (tmp_path / "iter" / f"round-{r}" / "samples.jsonl").read_text()
+             .splitlines()] for r in (1, 2)]
+    assert [[w in p for p in seen[0]] for w in ("a mat", "the dog")] == [[True, False], [False, True]]
+    assert [[w in p for p in seen[1]] for w in ("a box", "red")] == [[True, False], [False, True]]
+    spec.update(rounds=3, output_dir=str(tmp_path / "other"))
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match="3 rounds of 2 prompts needs 6 prompts; .* has 4"):
+        iterate_main(str(path))
+    assert not (tmp_path / "other").exists()
