@@ -46,29 +46,57 @@ def _branch_norm(dl: Tensor, lp: Tensor, mask: Tensor, sum_p2: Tensor) -> Tensor
     return masked_sum(sq, mask).sqrt()
 
 
+class _AfterBackward:
+    """Figures computed from what the backward caught, on first read (``float``), i.e. after the backward:
+    computing them inside the backward, between its large buffers, raised the peak memory by 10%."""
+
+    def __init__(self, fn):
+        self.fn, self.values = fn, None
+
+    def part(self, i: int) -> _Part:
+        return _Part(self, i)
+
+
+class _Part:
+    def __init__(self, owner: _AfterBackward, i: int):
+        self.owner, self.i = owner, i
+
+    def __float__(self) -> float:
+        if self.owner.values is None:
+            self.owner.values = [float(v) for v in self.owner.fn()]
+        return self.owner.values[self.i]
+
+
+def _norms(pl: PairLogps, seen: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean chosen norm, mean rejected norm, ratio of their sums) from the gradients the step's backward
+    passed through each branch, divided by the factor it reached the loss with; a branch the loss does
+    not depend on has norm 0."""
+    if "scale" not in seen:
+        raise RuntimeError("the logit-space norms are read before the step's backward")
+    nw, nl = (_branch_norm(seen[k] / seen["scale"], t.detach(), m, st["sum_p2"]) if k in seen else
+              torch.zeros(t.shape[0], device=t.device)
+              for k, t, m, st in (("chosen", pl.chosen, pl.chosen_mask, pl.chosen_stats),
+                                  ("rejected", pl.rejected, pl.rejected_mask, pl.rejected_stats)))
+    return nw.mean(), nl.mean(), nl.sum() / nw.sum().clamp(min=1e-30)
+
+
 def step_metrics(pl: PairLogps, loss: Tensor, objective, into: dict | None = None) -> dict[str, Tensor]:
     """Logit-space gradient norms, sigma(-u) and displacement for one micro-batch, with no pass of their
     own: sigma(-u) and displacement from the log-probs at hand, and the branch norms read off the step's own
     backward, whose gradient w.r.t. each branch's per-token log-probs is caught on its way through (hooks),
-    with the closed form of :func:`_branch_norm`. The norms enter the returned dict when the step
-    backpropagates ``loss`` (or any multiple of it: the factor, e.g. the engine's number of processes, is
-    read off the gradient reaching ``loss`` and divided out), so read it after the backward. The metrics are
-    written into ``into`` (a new dict by default), which is returned."""
+    with the closed form of :func:`_branch_norm`, once the step has backpropagated ``loss`` (or any multiple
+    of it: the factor, e.g. the engine's number of processes, is read off the gradient reaching ``loss`` and
+    divided out): those three entries become numbers on ``float``, read after the backward. The metrics are written into ``into`` (a new dict by default), which is returned."""
     out: dict[str, Tensor] = {} if into is None else into
     if pl.chosen_stats and "sum_p2" in pl.chosen_stats and pl.chosen.requires_grad and loss.requires_grad:
-        scale: list[Tensor] = []
-        loss.register_hook(lambda g: scale.append(g.detach().float()))
-
-        def branch_norms(grads) -> None:
-            dw, dl = (torch.zeros_like(t) if g is None else g.detach() / scale[-1]
-                      for g, t in zip(grads, (pl.chosen, pl.rejected)))
-            nw = _branch_norm(dw, pl.chosen.detach(), pl.chosen_mask, pl.chosen_stats["sum_p2"])
-            nl = _branch_norm(dl, pl.rejected.detach(), pl.rejected_mask, pl.rejected_stats["sum_p2"])
-            out["diag/logit_grad_norm_chosen"] = nw.mean()
-            out["diag/logit_grad_norm_rejected"] = nl.mean()
-            out["diag/logit_grad_ratio"] = nl.sum() / nw.sum().clamp(min=1e-30)
-
-        torch.autograd.graph.register_multi_grad_hook((pl.chosen, pl.rejected), branch_norms, mode="all")
+        seen: dict[str, Tensor] = {}  # what the backward passes through: the factor, each branch's gradient
+        loss.register_hook(lambda g: seen.__setitem__("scale", g.detach().float()))
+        pl.chosen.register_hook(lambda g: seen.__setitem__("chosen", g.detach()))  # one hook per branch: a hook
+        pl.rejected.register_hook(lambda g: seen.__setitem__("rejected", g.detach()))  # on both holds more memory
+        norms = _AfterBackward(lambda: _norms(pl, seen))
+        out["diag/logit_grad_norm_chosen"] = norms.part(0)
+        out["diag/logit_grad_norm_rejected"] = norms.part(1)
+        out["diag/logit_grad_ratio"] = norms.part(2)
     with torch.no_grad():
         seq = PairSeq.build(pl, read_reference=objective.needs_reference)
         r_w, r_l = objective.loss_spec.rewards(seq, objective.loss_hp)

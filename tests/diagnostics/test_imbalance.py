@@ -39,7 +39,8 @@ def test_logit_space_norms_equal_brute_force(setup, factor):
     pl = pair_logps(pol, ref_sums=ref)
     loss = obj(pl).loss
     m = step_metrics(pl, loss, obj)
-    assert "diag/logit_grad_norm_chosen" not in m  # before the backward
+    with pytest.raises(RuntimeError, match="before the step's backward"):
+        float(m["diag/logit_grad_norm_chosen"])
     (loss if factor == 1 else loss * factor).backward()
     # brute force: the same loss from full logits, gradient w.r.t. the logits themselves
     logits = model(b.input_ids, attention_mask=b.attention_mask).logits.float()
@@ -51,9 +52,9 @@ def test_logit_space_norms_equal_brute_force(setup, factor):
                           ref_chosen=ref[0], ref_rejected=ref[1])
     obj(pl2).loss.backward()
     per_row = logits.grad.norm(dim=-1).pow(2).sum(-1).sqrt()  # (2B,)
-    assert m["diag/logit_grad_norm_chosen"].item() == pytest.approx(per_row[:n].mean().item(), rel=1e-4)
-    assert m["diag/logit_grad_norm_rejected"].item() == pytest.approx(per_row[n:].mean().item(), rel=1e-4)
-    assert m["diag/logit_grad_ratio"].item() == pytest.approx((per_row[n:].sum() / per_row[:n].sum()).item(), rel=1e-4)
+    assert float(m["diag/logit_grad_norm_chosen"]) == pytest.approx(per_row[:n].mean().item(), rel=1e-4)
+    assert float(m["diag/logit_grad_norm_rejected"]) == pytest.approx(per_row[n:].mean().item(), rel=1e-4)
+    assert float(m["diag/logit_grad_ratio"]) == pytest.approx((per_row[n:].sum() / per_row[:n].sum()).item(), rel=1e-4)
     assert 0 < m["diag/sigma_neg_u_mean"].item() < 1
     del probe
 
