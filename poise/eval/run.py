@@ -211,7 +211,8 @@ def render_prompt(data: dict, tokenizer, *, where: str) -> str:
 
 def evaluate_prompts(run_dir: str | Path, prompts_file: str, reward: str, *, baseline: str | None = None,
                      num_prompts: int = 64, max_new_tokens: int = 128, seed: int = 0,
-                     on_bad_row: str = "error", backend: str = "auto") -> dict[str, Any]:
+                     on_bad_row: str = "error", backend: str = "auto",
+                     baseline_replies: Sequence[str] | None = None) -> dict[str, Any]:
     """Generate for the prompts of ``prompts_file`` with the run's model and a baseline (a model folder or
     a run folder; default the run's reference model), compare the two replies to each prompt with
     ``reward`` (:func:`poise.eval.rewards.load_reward`: a pointwise reward scores both, the outcome is 1,
@@ -224,6 +225,8 @@ def evaluate_prompts(run_dir: str | Path, prompts_file: str, reward: str, *, bas
     (:func:`poise.testbed.evaluate.bootstrap_ci`, 2000 resamples, seed 0).
     Both sides generate greedily with ``backend`` (:func:`poise.model.generate.choose_backend`: vLLM when it is
     installed and a GPU is present, Hugging Face otherwise; a GGUF baseline always with Hugging Face).
+    ``baseline_replies``: the baseline's replies to these prompts, generated before with the same settings
+    (``poise iterate`` evaluates many runs against one start model), used instead of generating them again.
     Writes ``eval_prompts.json`` and ``generations_prompts.jsonl`` in the run folder."""
     from poise.eval.rewards import compare_sides, load_reward
     from poise.model.generate import choose_backend
@@ -251,7 +254,10 @@ def evaluate_prompts(run_dir: str | Path, prompts_file: str, reward: str, *, bas
         return [tokenizer.decode(c, skip_special_tokens=True) for c in ids]
 
     out_a = replies(paths[0], lambda: load_model(str(run_dir / "model")))
-    out_b = replies(paths[1], lambda: load_model(base, gguf_file=base_gguf, key="baseline"))
+    if baseline_replies is not None and len(baseline_replies) != len(texts):
+        raise ValueError(f"baseline_replies: {len(baseline_replies)} replies for {len(texts)} prompts")
+    out_b = list(baseline_replies) if baseline_replies is not None else \
+        replies(paths[1], lambda: load_model(base, gguf_file=base_gguf, key="baseline"))
     where = [r.where for r in rows]
     sides = compare_sides(scorer, texts, out_a, out_b, on_bad_row=on_bad_row, where=where)
     ga, gb = sides.scores_a, sides.scores_b

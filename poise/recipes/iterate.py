@@ -349,7 +349,8 @@ def run_rounds(cfg: IterateConfig, first: str, texts: list[str], where: list[str
     return models
 
 
-def evaluate_final(cfg: IterateConfig, label: str | None, seed: int | None, model: Path, first: str) -> dict:
+def evaluate_final(cfg: IterateConfig, label: str | None, seed: int | None, model: Path, first: str,
+                   cache_dir: str | Path | None = None) -> dict:
     """``poise eval --prompts-file`` of the last round's run (eval_prompts.json), with an eval.json that
     names the run's label, seed and rounds, so that ``poise report`` groups the runs by method over seeds."""
     from poise.eval.run import evaluate_prompts
@@ -359,10 +360,19 @@ def evaluate_final(cfg: IterateConfig, label: str | None, seed: int | None, mode
     if done.is_file():
         return json.loads(done.read_text())
     e = {**EVAL_KEYS, **(cfg.eval or {})}
-    baseline = {"start": first, "none": None}.get(str(e["baseline"]), e["baseline"])
-    result = evaluate_prompts(run, e["prompts_file"], e["reward"] or cfg.reward, baseline=baseline or first,
+    baseline = {"start": first, "none": None}.get(str(e["baseline"]), e["baseline"]) or first
+    # the baseline's greedy replies are the same for every run: generated once, kept beside the runs
+    cache = Path(cache_dir) / "eval-baseline.json" if cache_dir is not None else None
+    key = {"baseline": str(baseline), "prompts_file": str(e["prompts_file"]), "prompts": e["prompts"],
+           "max_new_tokens": e["max_new_tokens"]}
+    known = json.loads(cache.read_text()) if cache is not None and cache.is_file() else {}
+    result = evaluate_prompts(run, e["prompts_file"], e["reward"] or cfg.reward, baseline=baseline,
                               num_prompts=e["prompts"], max_new_tokens=e["max_new_tokens"],
-                              on_bad_row=cfg.train.get("on_bad_row", "error"), backend=cfg.backend)
+                              on_bad_row=cfg.train.get("on_bad_row", "error"), backend=cfg.backend,
+                              baseline_replies=known.get("replies") if known.get("key") == key else None)
+    if cache is not None and known.get("key") != key:
+        rows = [json.loads(line) for line in (run / "generations_prompts.jsonl").read_text().splitlines()]
+        fsutil.atomic_write_text(cache, json.dumps({"key": key, "replies": [r["baseline_output"] for r in rows]}))
     info = {"label": label or cfg.train.get("method", "dpo"), "cell": f"rounds={cfg.rounds}",
             "method": cfg.train.get("method", "dpo"), "rounds": cfg.rounds}
     if seed is not None:
@@ -418,7 +428,7 @@ def iterate_main(path: str) -> list[Path]:
                 break
         models = run_rounds(one, first, texts, where, shared)
         if cfg.eval:
-            evaluate_final(one, label, seed, models[-1], first)
+            evaluate_final(one, label, seed, models[-1], first, cache_dir=out)
         finals.append(models[-1])
     if len(runs) > 1:
         _write_report(cfg, runs, finals, out)

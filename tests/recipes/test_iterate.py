@@ -90,8 +90,8 @@ def test_a_bad_iterate_file_is_refused_with_the_key(tmp_path, change, match):
 def test_methods_and_seeds_compare_with_shared_first_samples_and_a_report(tmp_path):
     """methods x seeds: one iterate run each (output_dir/<label>/seed-<s>); round 1 of every method with the
     same seed has the same samples (made once, copied); each run's last model is evaluated on the eval
-    prompts with the reward against the start model; report.md has the rounds table and the comparison;
-    the rounds' checkpoints are gone, their models kept."""
+    prompts with the reward against the start model (its replies generated once); report.md has the
+    rounds table and the comparison; the rounds' checkpoints are gone, their models kept."""
     from poise.recipes.iterate import iterate_main
 
     path = _setup(tmp_path, rounds=1)
@@ -115,6 +115,11 @@ def test_methods_and_seeds_compare_with_shared_first_samples_and_a_report(tmp_pa
             assert ev["prompts"] == 3 and ev["baseline"] == spec["train"]["model"]
             assert yaml.safe_load((run / "config.yaml").read_text())["seed"] == s
             assert not (run / "checkpoints").exists() and (run / "model" / "config.json").is_file()
+    cached = json.loads((out / "eval-baseline.json").read_text())["replies"]  # the start's replies: generated once
+    for lab in ("dpo", "ipo"):
+        for s in (0, 1):
+            rows = (out / lab / f"seed-{s}" / "round-1" / "run" / "generations_prompts.jsonl").read_text().splitlines()
+            assert [json.loads(line)["baseline_output"] for line in rows] == cached
     report = (out / "report.md").read_text()
     assert "| run | round 1 |" in report and "| dpo |" in report and "(n=2)" in report
 
