@@ -89,8 +89,9 @@ def test_the_loss_and_balancer_maths_stay_fp32_under_bf16_autocast(method):
     """Autocast lowers matmuls only: the objective on fp32 log-probs gives the same loss and the same
     gradient w.r.t. the log-probs, bit for bit, inside a bf16 autocast region as outside it (the model's
     forward is bf16, the loss and the balancers' coefficients are not)."""
-    import poise
     from helpers import fresh, make_batch
+
+    import poise
 
     batch = make_batch(6, 7, 5, dtype=torch.float32, seed=3)
     obj = poise.objective(method)
