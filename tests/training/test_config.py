@@ -11,7 +11,8 @@ from poise.errors import ConfigError
 from poise.training.config import from_dict, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
-SHIPPED = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "sweeps" not in p.parts)
+SHIPPED = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if not {"sweeps", "iterate"} & set(p.parts))
+ITERATES = sorted((ROOT / "configs" / "iterate").rglob("*.yaml"))
 SWEEPS = sorted((ROOT / "configs" / "sweeps").rglob("*.yaml"))
 BASE = {"model": "m", "train_file": "d.jsonl"}
 
@@ -28,6 +29,14 @@ def test_every_shipped_config_validates_and_opens_with_its_command(path):
     load_config(path)
     first = path.read_text().splitlines()[0]
     assert first.startswith(f"# poise train configs/{path.relative_to(ROOT / 'configs')}")
+
+
+@pytest.mark.parametrize("path", ITERATES, ids=lambda p: p.name)
+def test_every_shipped_iterate_file_validates_every_run(path):
+    from poise.recipes.iterate import load_iterate
+
+    assert load_iterate(path).runs()
+    assert path.read_text().startswith(f"# poise iterate configs/iterate/{path.name}")
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
