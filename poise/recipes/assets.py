@@ -38,3 +38,21 @@ def smollm2_gguf(cache_dir: str = "~/.cache/poise") -> Path:
             dst.write(block)
     os.replace(tmp, target)
     return target
+
+
+def gguf_to_folder(source: str, gguf_file: str | None, folder: Path) -> Path:
+    """``folder``: the GGUF model ``source`` (a .gguf file, or a folder with ``gguf_file``) dequantised to a
+    float32 safetensors folder with its tokenizer, written once (through ``folder.part``, renamed when
+    complete); an existing complete folder is returned as it is."""
+    if (folder / "config.json").is_file():
+        return folder
+    import shutil
+
+    from poise.model.load import load_model, load_tokenizer
+
+    tmp = folder.with_name(folder.name + ".part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    load_model(source, gguf_file=gguf_file, dtype="float32").save_pretrained(tmp, safe_serialization=True)
+    load_tokenizer(source, gguf_file=gguf_file).save_pretrained(tmp)
+    tmp.replace(folder)
+    return folder

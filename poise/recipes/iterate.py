@@ -304,21 +304,14 @@ def start_folder(cfg: IterateConfig) -> str:
     base = Path(cfg.output_dir).expanduser() / "base"
     if (base / "config.json").is_file():
         return str(base)
-    from poise.model.load import load_model, load_tokenizer
+    from poise.recipes.assets import gguf_to_folder
 
     if model == SMOLLM2:
         from poise.recipes.assets import smollm2_gguf
 
         model, gguf = str(smollm2_gguf()), None
     log.info("converting %s to a float32 model folder %s (once)", gguf or model, base)
-    tmp = base.with_name("base.part")
-    import shutil
-
-    shutil.rmtree(tmp, ignore_errors=True)
-    load_model(model, gguf_file=gguf, dtype="float32").save_pretrained(tmp, safe_serialization=True)
-    load_tokenizer(model, gguf_file=gguf).save_pretrained(tmp)
-    tmp.replace(base)
-    return str(base)
+    return str(gguf_to_folder(model, gguf, base))
 
 
 def _prompts(cfg: IterateConfig, tokenizer) -> tuple[list[str], list[str]]:

@@ -72,16 +72,11 @@ def prepare_base(o: SmolOptions, root: Path) -> Path:
     base = root / "base"
     if (base / "config.json").is_file():
         return base
-    from poise.model.load import load_model, load_tokenizer
-    from poise.recipes.assets import smollm2_gguf
+    from poise.recipes.assets import gguf_to_folder, smollm2_gguf
 
     gguf = smollm2_gguf()
     log.info("quickstart: loading %s (dequantising; about half a minute)", gguf)
-    tmp = root / "base.part"
-    load_model(str(gguf), dtype="float32").save_pretrained(tmp, safe_serialization=True)
-    load_tokenizer(str(gguf)).save_pretrained(tmp)
-    tmp.replace(base)
-    return base
+    return gguf_to_folder(str(gguf), None, base)
 
 
 def _pair_stats(rows: list[dict[str, Any]], prompts: int) -> dict[str, float]:
