@@ -8,7 +8,7 @@ mask and the models it is exact for are in :mod:`poise.model.shared_mask`; the e
 It is exact only for models whose attention takes a custom 4D mask and whose positions come only from
 ``position_ids`` (rotary embeddings), without sliding windows:
 :func:`poise.model.shared_mask.shared_prefix_reason` says whether a model qualifies,
-:func:`verify_shared_prefix` compares the two layouts on real pairs, and :func:`choose_layout`
+:func:`check_layouts` compares the two layouts on real pairs (in float32 where the weights are), and :func:`choose_layout`
 (``pair_layout: auto``) uses the shared layout only when both agree.
 """
 
@@ -30,7 +30,10 @@ log = logging.getLogger("poise")
 
 #: Largest per-token |shared - separate| log-prob difference accepted by the check, by dtype.
 TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}
-HALF_TOLERANCE = 0.1
+#: With half-precision weights the layouts' matmuls round differently (different shapes, different
+#: blocking): on SmolLM2-135M in bf16 single tokens differ by up to 0.18 nats while the mean is 0.027, so
+#: the check takes the mean per-token difference there; a wrong mask moves it by far more (tested).
+HALF_MEAN_TOLERANCE = 0.05
 
 
 def collate_layout(pairs: Sequence[TokenizedPair], pad_token_id: int, layout: str) -> SequenceBatch:
@@ -41,9 +44,9 @@ def collate_layout(pairs: Sequence[TokenizedPair], pad_token_id: int, layout: st
 
 
 @torch.no_grad()
-def verify_shared_prefix(model: nn.Module, pairs: Sequence[TokenizedPair], pad_token_id: int, *,
-                         chunk_size: int = 1024) -> float:
-    """Largest per-token |shared - separate| log-prob on ``pairs`` (no grad, eval mode)."""
+def layout_differences(model: nn.Module, pairs: Sequence[TokenizedPair], pad_token_id: int, *,
+                       chunk_size: int = 1024) -> torch.Tensor:
+    """Per-token |shared - separate| log-probs on ``pairs`` (no grad, eval mode, in the ambient precision)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -52,22 +55,42 @@ def verify_shared_prefix(model: nn.Module, pairs: Sequence[TokenizedPair], pad_t
         sh = batch_logps(model, collate_shared(pairs, pad_token_id).to(device), chunk_size=chunk_size)
     finally:
         model.train(was_training)
-    return (sep.logps[sep.mask] - sh.logps[sh.mask]).abs().max().item()
+    return (sep.logps[sep.mask] - sh.logps[sh.mask]).abs().float()
+
+
+def verify_shared_prefix(model: nn.Module, pairs: Sequence[TokenizedPair], pad_token_id: int, *,
+                         chunk_size: int = 1024) -> float:
+    """Largest per-token |shared - separate| log-prob on ``pairs`` (no grad, eval mode)."""
+    return layout_differences(model, pairs, pad_token_id, chunk_size=chunk_size).max().item()
+
+
+def check_layouts(model: nn.Module, pairs: Sequence[TokenizedPair], pad_token_id: int, *,
+                  chunk_size: int = 1024) -> str | None:
+    """Why the two layouts disagree on ``pairs`` for ``model``, or None when they agree.
+
+    The layout is exact or wrong whatever the precision (it is a mask and positions), so the check runs
+    in the weights' precision with autocast off: with float32 master weights under bf16 autocast it
+    compares in float32 (largest per-token difference at most 1e-3), where bf16 rounding, which differs
+    between the two layouts' matmul shapes, cannot hide or fake a disagreement. Half-precision weights are
+    compared on the mean per-token difference (at most :data:`HALF_MEAN_TOLERANCE`).
+    """
+    device = next(model.parameters()).device.type
+    with torch.autocast(device, enabled=False):
+        diffs = layout_differences(model, pairs, pad_token_id, chunk_size=chunk_size)
+    tol = TOLERANCE.get(model_dtype(model))
+    if tol is not None:
+        worst = diffs.max().item()
+        return None if worst <= tol else f"the layouts disagree by {worst:.3g} nats on a token (tolerance {tol:g})"
+    mean = diffs.mean().item()
+    return None if mean <= HALF_MEAN_TOLERANCE else (
+        f"the layouts disagree by {mean:.3g} nats per token on average (tolerance {HALF_MEAN_TOLERANCE:g} "
+        f"for {model_dtype(model)} weights)")
 
 
 def pairs_reason(pairs: Sequence[TokenizedPair]) -> str | None:
     """Why these pairs cannot take the shared layout, or None: it needs at least one prompt token, whose
     position predicts the first token of each response."""
     return "some pairs have an empty prompt" if any(not p.prompt_ids for p in pairs) else None
-
-
-def _compute_dtype(model: nn.Module) -> torch.dtype:
-    """The precision the model computes in here: the autocast dtype when autocast is on (the training
-    precision, under which the check runs), else the weights' dtype."""
-    device = next(model.parameters()).device.type
-    if torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return model_dtype(model)
 
 
 def choose_layout(setting: str, models: Sequence[nn.Module], pairs: Sequence[TokenizedPair], pad_token_id: int,
@@ -82,12 +105,8 @@ def choose_layout(setting: str, models: Sequence[nn.Module], pairs: Sequence[Tok
     problem = next((r for r in map(shared_prefix_reason, models) if r), None) or pairs_reason(pairs)
     if problem is None:
         sample = list(pairs[:4])
-        for model in models:
-            diff = verify_shared_prefix(model, sample, pad_token_id, chunk_size=chunk_size)
-            tol = TOLERANCE.get(_compute_dtype(model), HALF_TOLERANCE)
-            if not diff <= tol:
-                problem = f"the layouts disagree by {diff:.3g} nats on a token (tolerance {tol:g})"
-                break
+        problem = next((r for r in (check_layouts(m, sample, pad_token_id, chunk_size=chunk_size) for m in models)
+                        if r), None)
     if problem is None:
         log.info("pair layout: shared prompt prefix (one row per pair)")
         return "shared"

@@ -109,8 +109,9 @@ class TrainConfig:
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = F(
         "auto", "Autocast precision of the forward and backward (weights and optimizer stay in dtype). auto: "
         "bf16 on a GPU that supports it and on a CPU that computes bf16 natively (AVX512_BF16 or AMX: 1.3-1.7x "
-        "faster than fp32 there, docs/performance.md), else no (fp32). The reference pass, the layout check, "
-        "calibration, evaluation and the probes run in the same precision. POISE_CPU_BF16=0 in the "
+        "faster than fp32 there, docs/performance.md), else no (fp32). The reference pass, calibration, "
+        "evaluation and the probes run in the same precision; the layout check runs in the weights' precision "
+        "(a layout is exact or not whatever the precision, and bf16 rounds the two layouts differently). POISE_CPU_BF16=0 in the "
         "environment makes auto use fp32 on every CPU.",
         "training")
     seed: int = F(0, "Seed of the data order, initialisation of adapters and dropout.", "training")

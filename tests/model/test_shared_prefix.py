@@ -13,7 +13,14 @@ from poise.data.shared import CHOSEN, PAD, PROMPT, REJECTED
 from poise.errors import ConfigError
 from poise.model.logprobs import batch_logps
 from poise.model.shared_mask import attention_mask_4d, shared_prefix_reason
-from poise.model.shared_prefix import choose_layout, pairs_reason, verify_shared_prefix
+from poise.model.shared_prefix import (
+    HALF_MEAN_TOLERANCE,
+    check_layouts,
+    choose_layout,
+    layout_differences,
+    pairs_reason,
+    verify_shared_prefix,
+)
 from poise.types import STAT_NAMES
 
 VOCAB = 97
@@ -86,13 +93,51 @@ def test_a_wrong_mask_is_caught_by_the_check(monkeypatch):
 
     model, pairs = _llama(), _pairs()
     assert verify_shared_prefix(model, pairs, 0) < 1e-5
-    plain_causal = lambda seg, impl, dtype: (  # noqa: E731
-        torch.ones(seg.shape[1], seg.shape[1], dtype=torch.bool).tril()[None, None].expand(seg.shape[0], 1, -1, -1))
-    monkeypatch.setattr(sm, "attention_mask_4d", plain_causal)
+    monkeypatch.setattr(sm, "attention_mask_4d", _plain_causal)
     assert verify_shared_prefix(model, pairs, 0) > 1e-3
     assert choose_layout("auto", [model], pairs, 0) == "separate"
     with pytest.raises(ConfigError, match="pair_layout: shared is not possible: the layouts disagree"):
         choose_layout("shared", [model], pairs, 0)
+
+
+def test_the_check_runs_in_float32_under_bf16_autocast(monkeypatch):
+    """bf16 rounding differs between the two layouts' matmul shapes (0.14 nats on a SmolLM2 token), so the
+    check of float32 weights runs with autocast off: exact there, under a bf16 autocast region too."""
+    model, pairs = _llama(), _pairs()
+    seen = []
+    real = layout_differences
+
+    def spy(*args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return real(*args, **kwargs)
+
+    import poise.model.shared_prefix as sp
+    monkeypatch.setattr(sp, "layout_differences", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert check_layouts(model, pairs, 0) is None
+        assert choose_layout("auto", [model], pairs, 0) == "shared"
+    assert seen == [False, False]
+
+
+def _plain_causal(seg, impl, dtype):
+    return torch.ones(seg.shape[1], seg.shape[1], dtype=torch.bool).tril()[None, None].expand(seg.shape[0], 1, -1, -1)
+
+
+def test_half_weights_are_checked_on_the_mean_difference(monkeypatch):
+    """bf16 weights: rounding moves single tokens, so the mean per-token difference decides; a wrong mask
+    moves the mean far past the tolerance."""
+    import poise.model.shared_mask as sm
+
+    model, pairs = _llama(initializer_range=0.2).to(torch.bfloat16), _pairs()  # logits of a trained model's scale
+    diffs = layout_differences(model, pairs, 0)
+    assert diffs.mean().item() <= HALF_MEAN_TOLERANCE
+    assert check_layouts(model, pairs, 0) is None
+    assert choose_layout("auto", [model], pairs, 0) == "shared"
+    monkeypatch.setattr(sm, "attention_mask_4d", _plain_causal)
+    reason = check_layouts(model, pairs, 0)
+    assert reason is not None and "on average" in reason and "bfloat16" in reason
+    assert layout_differences(model, pairs, 0).mean().item() > 2 * HALF_MEAN_TOLERANCE
+    assert choose_layout("auto", [model], pairs, 0) == "separate"
 
 
 def _fake(**config):
