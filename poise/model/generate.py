@@ -53,6 +53,7 @@ import torch
 
 from poise.data.tokenize import _bos_to_add
 from poise.errors import ConfigError
+from poise.model.modes import eval_mode
 
 #: A prompt: token ids, or a string tokenized by :func:`prompt_ids`.
 Prompt = str | Sequence[int]
@@ -153,16 +154,11 @@ def generate_ids(
                           "model_path with backend 'vllm'.")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     device = _device(model)
-    was_training = model.training
-    model.eval()
     out: list[list[int]] = []
-    try:
-        with _seeded(seed, device):
-            for start in range(0, len(ids), batch_size):
-                out += _generate_batch(model, ids[start:start + batch_size], pad=pad, eos=eos, device=device,
-                                       max_new_tokens=max_new_tokens, temperature=temperature)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), _seeded(seed, device):
+        for start in range(0, len(ids), batch_size):
+            out += _generate_batch(model, ids[start:start + batch_size], pad=pad, eos=eos, device=device,
+                                   max_new_tokens=max_new_tokens, temperature=temperature)
     return out
 
 

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from poise import fsutil
 from poise.data import TokenizedPair
 from poise.model.logprobs import batch_logps
+from poise.model.modes import eval_mode
 from poise.model.shared_prefix import collate_layout
 
 log = logging.getLogger("poise")
@@ -68,13 +69,11 @@ def compute_reference_sums(model, pairs: Sequence[TokenizedPair], *, pad_token_i
     run's, so that at step 0 the policy's sums equal these to the last bit where the maths allows.
     """
     out = []
-    was_training = model.training
-    model.eval()
     ctx = adapters_disabled(model) if disable_adapters else contextlib.nullcontext()
     bar = tqdm(total=len(pairs), desc="reference", unit="pair", dynamic_ncols=True, leave=False,
                disable=not progress or not pairs)
     order = sorted(range(len(pairs)), key=lambda i: pairs[i].length)  # like lengths together: little padding
-    with ctx:
+    with ctx, eval_mode(model):
         for i in range(0, len(pairs), batch_size):
             b = collate_layout([pairs[j] for j in order[i:i + batch_size]], pad_token_id, layout).to(device)
             s = batch_logps(model, b, chunk_size=chunk_size).logps.sum(-1)
@@ -82,7 +81,6 @@ def compute_reference_sums(model, pairs: Sequence[TokenizedPair], *, pad_token_i
             out.append(torch.stack([s[:n], s[n:]], -1).float().cpu())
             bar.update(n)
     bar.close()
-    model.train(was_training)
     if not out:
         return torch.zeros(0, 2)
     sums = torch.empty(len(pairs), 2)

@@ -24,6 +24,7 @@ from poise.data import SequenceBatch, TokenizedPair, collate_pairs
 from poise.data.shared import collate_shared
 from poise.errors import ConfigError
 from poise.model.logprobs import batch_logps
+from poise.model.modes import eval_mode
 from poise.model.shared_mask import model_dtype, shared_prefix_reason
 
 log = logging.getLogger("poise")
@@ -47,14 +48,10 @@ def collate_layout(pairs: Sequence[TokenizedPair], pad_token_id: int, layout: st
 def layout_differences(model: nn.Module, pairs: Sequence[TokenizedPair], pad_token_id: int, *,
                        chunk_size: int = 1024) -> torch.Tensor:
     """Per-token |shared - separate| log-probs on ``pairs`` (no grad, eval mode, in the ambient precision)."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
-    try:
+    with eval_mode(model):
         sep = batch_logps(model, collate_pairs(pairs, pad_token_id).to(device), chunk_size=chunk_size)
         sh = batch_logps(model, collate_shared(pairs, pad_token_id).to(device), chunk_size=chunk_size)
-    finally:
-        model.train(was_training)
     return (sep.logps[sep.mask] - sh.logps[sh.mask]).abs().float()
 
 

@@ -28,6 +28,7 @@ from poise.model.load import (
     resolve_source,
     updates_round_away,
 )
+from poise.model.modes import eval_mode, set_training_mode
 from poise.model.reference import cached_reference_sums
 from poise.model.shared_prefix import choose_layout, pairs_reason
 from poise.training.config import TrainConfig, from_dict
@@ -149,7 +150,6 @@ class RunState:
         task = self.eval_task
         if task is None:
             return {}
-        self.module.eval()
         acc = MetricAccumulator()
         world, size = self.accelerator.num_processes, self.cfg.micro_batch_size
         # one process's micro-batches, dealt out to the ranks in turn: the same metrics for any number of
@@ -162,11 +162,10 @@ class RunState:
                       disable=not self.accelerator.is_main_process or rounds < 2):
             mb = mine[j] if j < len(mine) else []
             work = mb or [0]
-            with self.accelerator.autocast():
+            with self.accelerator.autocast(), eval_mode(self.module):
                 _, m, _ = task.loss(self.module, work, self.accelerator.device, state=self.state,
                                     num_items=len(work), num_tokens=task.norm_tokens(work))
             acc.add(m, len(mb))
-        self.module.train()
         return {f"eval/{k}": v for k, v in acc.reduce(self.accelerator).items()}
 
     def save_final_model(self) -> Path:
@@ -267,7 +266,7 @@ def _model(cfg: TrainConfig, tokenizer, texts, device):
             model.enable_input_require_grads()
         model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                          target_modules=cfg.lora_target_modules)
-    return model.to(device)
+    return set_training_mode(model.to(device))
 
 
 def _load_reference(cfg: TrainConfig, tokenizer, device):

@@ -154,9 +154,25 @@ def test_nonfinite_loss_is_reported_with_its_pairs(make_cfg, monkeypatch, mode):
         assert all(math.isfinite(r.get("grad_norm", 0.0)) for r in rows)
 
 
-def test_gradient_checkpointing_gives_the_same_weights(make_cfg):
-    a = train(make_cfg(name="plain", method="adadpo", max_steps=2, diagnostics=False))
+def test_gradient_checkpointing_recomputes_and_gives_the_same_weights(make_cfg, monkeypatch):
+    """The layers are really checkpointed in training (transformers does so only for a layer whose own
+    training flag is set; poise trains with dropout off), also after an evaluation, and the weights are
+    those of a run without it."""
+    import transformers.modeling_utils as mu
+
+    calls = []
+    real = mu.checkpoint
+
+    def counting(*args, **kwargs):
+        calls.append(torch.is_grad_enabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mu, "checkpoint", counting)
+    a = train(make_cfg(name="plain", method="adadpo", max_steps=2, diagnostics=False,
+                       gradient_checkpointing=False))
+    assert calls == []
     b = train(make_cfg(name="ckpt", method="adadpo", max_steps=2, diagnostics=False, gradient_checkpointing=True))
+    assert calls and all(calls)
     assert_same_params(params(a.run_dir), params(b.run_dir))
 
 
