@@ -36,12 +36,16 @@ def test_bench_quick_writes_the_figures(tmp_path):
     assert 0 <= res["padding_fraction"] < 1
     assert res["matmul_peaks_gflops"]["fp32"] > 0
     contenders = res["raw"]["contenders"]
-    for c in ("poise-default", "poise-fast", "trl", "bare"):
+    for c in ("poise-default", "poise-nodiag", "poise-fast", "trl", "bare"):
         assert contenders[c]["epoch_wall_s"] > contenders[c]["train_s"] > 0, c
         assert 0 <= contenders[c]["padding_fraction"] < 1, c
         assert contenders[c]["mixed_precision"] in ("no", "bf16"), c
     assert contenders["poise-default"]["options"]["diagnostics"] is True
     assert contenders["poise-fast"]["options"]["diagnostics"] is False
+    assert contenders["poise-nodiag"]["options"]["diagnostics"] is False
+    assert contenders["poise-default"]["options"]["gradient_checkpointing"] is True
+    assert contenders["poise-nodiag"]["options"]["gradient_checkpointing"] is True  # defaults but diagnostics
+    assert contenders["poise-fast"]["options"]["gradient_checkpointing"] is False
     # the quick run is a few steps: the default diagnostics budget plans no probe (counted, and timed, as 0)
     assert contenders["poise-fast"]["probes"] == 0 and contenders["poise-default"]["probes"] >= 0
     assert (contenders["poise-default"]["probes"] == 0) == (contenders["poise-default"]["probe_s"] == 0)

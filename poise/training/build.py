@@ -259,10 +259,14 @@ def load_checked_model(cfg: TrainConfig, tokenizer, texts, device):
 
 def _model(cfg: TrainConfig, tokenizer, texts, device):
     model = load_checked_model(cfg, tokenizer, texts, device)
-    if cfg.gradient_checkpointing:
+    checkpointing = cfg.gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False)
+    if cfg.gradient_checkpointing and not checkpointing:
+        log.warning("gradient_checkpointing: %s (%s) does not support activation checkpointing; training without "
+                    "it (set gradient_checkpointing: false to silence this)", cfg.model, type(model).__name__)
+    if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora_r > 0:
-        if cfg.gradient_checkpointing:
+        if checkpointing:
             model.enable_input_require_grads()
         model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                          target_modules=cfg.lora_target_modules)

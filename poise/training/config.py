@@ -50,9 +50,10 @@ class TrainConfig:
         "round away small updates (at 5e-7, about 1% of bf16 weights change over 10 AdamW steps): poise warns "
         "when learning_rate is below half the spacing at the median weight.", "model")
     gradient_checkpointing: bool = F(
-        False, "Recompute each layer's activations in the backward pass instead of keeping them: on "
-        "SmolLM2-135M (batch 4, bf16 autocast, CPU) peak memory 3.2 GB instead of 4.4 GB for 18-26% more "
-        "step time (docs/performance.md).", "model")
+        True, "Recompute each layer's activations in the backward pass instead of keeping them (TRL's default "
+        "too): on SmolLM2-135M (batch 4, bf16 autocast, CPU) peak memory 3.2 GB instead of 4.4 GB for 18-26% "
+        "more step time (docs/performance.md). false: faster where memory allows (the benchmark's 'poise "
+        "fastest'). A model that cannot checkpoint trains without it, with a warning.", "model")
     lora_r: int = F(0, "LoRA rank; 0 trains every weight. With LoRA the reference is the base model "
                     "with its adapters disabled.", "model")
     lora_alpha: float = F(16.0, "LoRA scaling alpha.", "model")

@@ -225,3 +225,21 @@ def test_the_probes_run_at_the_planned_steps(make_cfg, caplog):
     assert all("diag/logit_grad_ratio" in r for r in steps(none.run_dir))
     two = train(make_cfg(name="two", method="dpo", diagnostics_steps=2, diagnostics_budget=0.9, max_steps=12))
     assert probe_steps(two) == [0, 12]  # 0.9 x 12 / 4.1: 2 probes
+
+
+def test_a_model_that_cannot_checkpoint_trains_without_it_and_says_so(make_cfg, monkeypatch, caplog):
+    """gradient_checkpointing is on by default; a model class without support trains anyway, with a warning."""
+    import poise.training.build as build
+
+    real = build.load_checked_model
+
+    def unsupported(*args, **kwargs):
+        model = real(*args, **kwargs)
+        model.supports_gradient_checkpointing = False
+        return model
+
+    monkeypatch.setattr(build, "load_checked_model", unsupported)
+    caplog.set_level("WARNING", logger="poise")
+    res = train(make_cfg(name="nockpt", max_steps=1, diagnostics=False))
+    assert res.steps == 1
+    assert any("does not support activation checkpointing" in r.message for r in caplog.records)
