@@ -237,7 +237,7 @@ TRAJECTORY = [
     ("adam_betas", [0.9, 0.99]), ("max_grad_norm", 0.5), ("max_length", 2048), ("max_prompt_length", 128),
     ("prompt_truncation", "error"), ("on_bad_row", "skip"), ("pair_layout", "separate"),
     ("reference_model", "ref"), ("precompute_reference", False), ("lora_r", 8), ("lora_alpha", 32.0),
-    ("lora_dropout", 0.1), ("lora_target_modules", ["q_proj"]), ("gradient_checkpointing", True),
+    ("lora_dropout", 0.1), ("lora_target_modules", ["q_proj"]), ("gradient_checkpointing", False),
     ("chunk_size", 64), ("stage", "sft"), ("cpu", True),
 ]
 #: (key, new value): none alters the trajectory; accepted and recorded
