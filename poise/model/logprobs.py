@@ -94,30 +94,43 @@ _pytree.register_dataclass(TokenLogps)
 # ----------------------------------------------------------------------------- per-chunk maths
 
 
-def _softmax_stats(z: Tensor, lse: Tensor, names: Sequence[str]) -> Tensor:
-    """(k, len(names)) statistics of softmax(z) for float32 logits z (k, V) with lse = LSE(z)."""
-    logp = z - lse[:, None]  # one (k, V) buffer, reused: p = exp(logp) is made in place when needed
-    p = None
-    out = {}
-    if "max_p" in names:
-        out["max_p"] = torch.exp(z.max(dim=-1).values - lse)
-    if "entropy" in names:
-        p = logp.exp()
-        out["entropy"] = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
-    if "sum_p2" in names:
-        p = logp.exp_() if p is None else p
-        out["sum_p2"] = torch.linalg.vector_norm(p, 2, dim=-1).square()  # one fused pass, no (k, V) temporary
-    return torch.stack([out[name] for name in names], dim=-1)
+#: rows of the (rows, V) probability buffer the statistics are computed in: small enough to stay in
+#: the cache and to need no fresh pages (a (chunk_size, V) temporary cost 3x as much on a CPU).
+_STATS_BLOCK = 32
+
+
+def _softmax_stats(logp: Tensor, names: Sequence[str]) -> Tensor:
+    """(k, len(names)) statistics of the softmax whose float32 log-probs (k, V) are ``logp``."""
+    k, vocab = logp.shape
+    out = logp.new_empty(k, len(names))
+    buf = logp.new_empty(min(k, _STATS_BLOCK), vocab)
+    for start in range(0, k, _STATS_BLOCK):
+        stop = min(start + _STATS_BLOCK, k)
+        lp = logp[start:stop]
+        p = torch.exp(lp, out=buf[: stop - start])
+        for j, name in enumerate(names):
+            if name == "max_p":
+                out[start:stop, j] = lp.amax(dim=-1).exp()
+            elif name == "entropy":
+                out[start:stop, j] = -torch.where(p > 0, p * lp, 0.0).sum(-1)
+            elif name == "sum_p2":
+                out[start:stop, j] = torch.linalg.vector_norm(p, 2, dim=-1).square()
+    return out
 
 
 def _chunk_logps(z: Tensor, targets: Tensor, names: Sequence[str]) -> tuple[Tensor, Tensor | None]:
-    """log-softmax of float32 logits z (k, V) at ``targets`` (k,), and the detached stats."""
-    lse = torch.logsumexp(z, dim=-1)
-    logp = z.gather(-1, targets[:, None]).squeeze(-1) - lse
+    """log-softmax of float32 logits z (k, V) at ``targets`` (k,), and the detached stats.
+
+    ``log_softmax`` then a gather, rather than ``z[target] - logsumexp(z)``: one fused kernel each
+    way, 30-40% less time for the forward and backward on a CPU, and the statistics read the log-probs
+    it already made. It saves its (k, V) output for the backward where logsumexp saved z: same memory.
+    """
+    logp_all = torch.log_softmax(z, dim=-1)
+    logp = logp_all.gather(-1, targets[:, None]).squeeze(-1)
     if not names:
         return logp, None
     with torch.no_grad():
-        return logp, _softmax_stats(z.detach(), lse.detach(), names)
+        return logp, _softmax_stats(logp_all.detach(), names)
 
 
 def _run_chunked(fn: Callable, n_rows: int, chunk_size: int, *args: Tensor):

@@ -179,6 +179,30 @@ def test_head_sees_only_completion_rows_in_chunks(model, batch):
         model.zero_grad(set_to_none=True)
 
 
+def test_statistics_are_computed_once_per_token_not_again_in_the_recomputation(model, batch, monkeypatch):
+    """The checkpointed chunks recompute their logits in the backward; the detached statistics are not
+    recomputed with them (they would be thrown away): the statistics come after the log-probs in a
+    chunk, and the non-reentrant checkpoint stops its recomputation at the last tensor the backward
+    needs. Their values are those of a no-grad pass."""
+    import poise.model.logprobs as engine
+
+    ids, attn, comp = batch
+    rows_seen: list[int] = []
+    real = engine._softmax_stats
+    monkeypatch.setattr(engine, "_softmax_stats",
+                        lambda logp, names: rows_seen.append(logp.shape[0]) or real(logp, names))
+    out = token_logps(model, ids, attn, comp, stats=STAT_NAMES, chunk_size=3)
+    out.logps.sum().backward()
+    model.zero_grad(set_to_none=True)
+    n_tokens = int(comp.sum())
+    assert n_tokens > 3 and sum(rows_seen) == n_tokens  # several chunks, each token's stats once
+    rows_seen.clear()
+    with torch.no_grad():
+        ref = token_logps(model, ids, attn, comp, stats=STAT_NAMES, chunk_size=n_tokens)
+    for name in STAT_NAMES:
+        torch.testing.assert_close(out.stats[name], ref.stats[name], atol=1e-6, rtol=1e-5)
+
+
 def test_no_vocab_sized_tensor_saved_for_backward(model, batch):
     ids, attn, comp = batch
     saved: list[tuple[int, ...]] = []
