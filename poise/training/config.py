@@ -51,8 +51,9 @@ class TrainConfig:
         "when learning_rate is below half the spacing at the median weight.", "model")
     gradient_checkpointing: bool = F(
         True, "Recompute each layer's activations in the backward pass instead of keeping them (TRL's default "
-        "too): on SmolLM2-135M (batch 4, bf16 autocast, CPU) peak memory 3.2 GB instead of 4.4 GB for 18-26% "
-        "more step time (docs/performance.md). false: faster where memory allows (the benchmark's 'poise "
+        "too): in the SmolLM2-135M benchmark (batch 4, bf16 autocast, CPU) peak memory 3.5 GB instead of 4.4 "
+        "GB (0.55x TRL's instead of 0.68x) for 22% more step time (docs/performance.md). false: faster where "
+        "memory allows (the benchmark's 'poise "
         "fastest'). A model that cannot checkpoint trains without it, with a warning.", "model")
     lora_r: int = F(0, "LoRA rank; 0 trains every weight. With LoRA the reference is the base model "
                     "with its adapters disabled.", "model")
