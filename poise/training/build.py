@@ -264,7 +264,10 @@ def _model(cfg: TrainConfig, tokenizer, texts, device):
         log.warning("gradient_checkpointing: %s (%s) does not support activation checkpointing; training without "
                     "it (set gradient_checkpointing: false to silence this)", cfg.model, type(model).__name__)
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora_r > 0:
         if checkpointing:
             model.enable_input_require_grads()

@@ -243,3 +243,18 @@ def test_a_model_that_cannot_checkpoint_trains_without_it_and_says_so(make_cfg, 
     res = train(make_cfg(name="nockpt", max_steps=1, diagnostics=False))
     assert res.steps == 1
     assert any("does not support activation checkpointing" in r.message for r in caplog.records)
+
+
+def test_every_long_phase_says_what_it_is_doing(make_cfg, caplog, capfd):
+    """Loading, the reference pass, calibration, the probes, training and saving each announce themselves
+    (a log line) or show a progress bar, so that no phase runs silently."""
+    caplog.set_level("INFO", logger="poise")
+    train(make_cfg(name="phases", method="gate-dpo", diagnostics=True, diagnostics_steps=2,
+                   diagnostics_budget=0, max_steps=2))
+    said = caplog.text
+    for line in ("loading the model", "reference log-probs computed and cached in", "calibrated before step 1",
+                 "probes at steps", "saving the model"):
+        assert line in said, line
+    bars = capfd.readouterr().err
+    for bar in ("reference:", "calibrate:", "probes:", "train:"):
+        assert bar in bars, bar
