@@ -22,7 +22,7 @@ Each run keeps its final ``model/`` (0.5 GB in float32); its checkpoints (1.6 GB
 state) are deleted once it is evaluated, so the folder holds about 3 GB at the end.
 
 Resumable: the base folder, the data and every finished method are reused by a second call (a
-method stopped mid-training resumes from its checkpoint). The sizes below took 37 minutes on a
+method stopped mid-training resumes from its checkpoint). The sizes below took 16 to 37 minutes on a
 2-core CPU (docs/results.md has the timing and the table).
 """
 
