@@ -69,6 +69,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from poise.compose import Objective, resolve_method
 from poise.errors import ConfigError
 from poise.losses import LOSSES
+from poise.model.modes import eval_mode
 from poise.presets import PRESETS
 from poise.training.runlog import MAX_SUFFIXES, MIN_SUFFIXES
 from poise.types import PairLogps
@@ -246,15 +247,13 @@ class DPOTrainer(trl.DPOTrainer):
         """The first training pairs under the initial policy (eval mode, no gradient), gathered over ranks."""
         obj, state = self.poise_objective, self.poise_state
         gather = self.accelerator.gather if self.accelerator.num_processes > 1 else None
-        was_training = self.model.training
-        self.model.eval()
-        for inputs in self.get_train_dataloader():
-            _, batch = self._pair_logps(self.model, self._prepare_inputs(inputs), with_reference=False)
-            state = obj.calibrate(state, batch, gather)
-            if not obj.needs_calibration(state):
-                break
+        with eval_mode(self.model):
+            for inputs in self.get_train_dataloader():
+                _, batch = self._pair_logps(self.model, self._prepare_inputs(inputs), with_reference=False)
+                state = obj.calibrate(state, batch, gather)
+                if not obj.needs_calibration(state):
+                    break
         self.poise_state = obj.finish_calibration(state)
-        self.model.train(was_training)
         log.info("poise: calibrated %s", obj.calibrated_values(self.poise_state))
 
     # -- logging -------------------------------------------------------------------------------------

@@ -158,14 +158,15 @@ class RunState:
         batches = [list(range(i, min(i + size, len(task)))) for i in range(0, len(task), size)]
         mine = batches[self.accelerator.process_index::world]
         rounds = -(-len(batches) // world)
-        for j in tqdm(range(rounds), desc="eval", unit="batch", leave=False, dynamic_ncols=True,
-                      disable=not self.accelerator.is_main_process or rounds < 2):
-            mb = mine[j] if j < len(mine) else []
-            work = mb or [0]
-            with self.accelerator.autocast(), eval_mode(self.module):
-                _, m, _ = task.loss(self.module, work, self.accelerator.device, state=self.state,
-                                    num_items=len(work), num_tokens=task.norm_tokens(work))
-            acc.add(m, len(mb))
+        with eval_mode(self.module):
+            for j in tqdm(range(rounds), desc="eval", unit="batch", leave=False, dynamic_ncols=True,
+                          disable=not self.accelerator.is_main_process or rounds < 2):
+                mb = mine[j] if j < len(mine) else []
+                work = mb or [0]
+                with self.accelerator.autocast():
+                    _, m, _ = task.loss(self.module, work, self.accelerator.device, state=self.state,
+                                        num_items=len(work), num_tokens=task.norm_tokens(work))
+                acc.add(m, len(mb))
         return {f"eval/{k}": v for k, v in acc.reduce(self.accelerator).items()}
 
     def save_final_model(self) -> Path:
