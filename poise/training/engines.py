@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from poise.errors import ConfigError, PoiseError
+from poise.model.modes import set_training_mode
 from poise.training.checkpoint import SHARDS, save_checkpoint, save_sharded_checkpoint
 
 log = logging.getLogger("poise")
@@ -250,7 +251,7 @@ class FSDPEngine(Engine):
             yield None
             return
         state = {k.removeprefix("model."): v for k, v in state.items()}
-        model = fill_replica(self._replica, state, self.device, self.module.training, engine="fsdp")
+        model = fill_replica(self._replica, state, self.device, engine="fsdp")
         try:
             yield model
         finally:
@@ -284,8 +285,9 @@ def empty_copy(model):
     return copy.deepcopy(model, memo)
 
 
-def fill_replica(model, state: dict[str, torch.Tensor], device, training: bool, *, engine: str):
-    """``model`` (an :func:`empty_copy`) with the gathered full ``state`` assigned to it, on ``device``."""
+def fill_replica(model, state: dict[str, torch.Tensor], device, *, engine: str):
+    """``model`` (an :func:`empty_copy`) with the gathered full ``state`` assigned to it, on ``device``, in the
+    policy's training mode (dropout off: the probes on it measure what the training step computes)."""
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
         model.tie_weights()
@@ -293,7 +295,7 @@ def fill_replica(model, state: dict[str, torch.Tensor], device, training: bool, 
     if unexpected or set(missing) - tied:
         raise PoiseError(f"{engine}: the gathered state does not match the model (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]})")
-    return model.to(device).train(training)
+    return set_training_mode(model.to(device))
 
 
 def empty_params(model) -> None:

@@ -182,7 +182,7 @@ class DeepSpeedEngine(Engine):
         if not self.is_main:
             yield None
             return
-        replica = fill_replica(self._replica, state, self.device, self.module.training, engine="deepspeed")
+        replica = fill_replica(self._replica, state, self.device, engine="deepspeed")
         try:
             yield replica
         finally:
