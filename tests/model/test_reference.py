@@ -64,6 +64,9 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
     sums, path, hit = ref.cached_reference_sums(_model(), _pairs(), cache_dir=out, **KW)
     again, _, hit2 = ref.cached_reference_sums(_model(), _pairs(), cache_dir=out, **KW)
     torch.save({"sums": sums, "scored": scored, "hit": (hit, hit2), "again": again}, f"{out}/rank{rank}.pt")
+    # both ranks reach the end before either closes its connections, as poise's own exit does
+    # (poise/training/launch.py _destroy): a rank whose peer has already gone can abort in gloo's teardown
+    dist.monitored_barrier()
     dist.destroy_process_group()
 
 

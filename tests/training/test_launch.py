@@ -46,7 +46,7 @@ def test_world_size_without_a_process_group_is_refused(make_cfg, env):
 
 
 def test_accelerate_launch_cpu_with_two_processes_is_refused(make_cfg, tmp_path):
-    """`accelerate launch --cpu --num_processes 2` starts ONE process (accelerate wants mpirun for that):
+    """`accelerate launch --cpu --num_processes 2` starts one process (accelerate wants mpirun for that):
     the real command, refused with the torchrun command instead of training one copy alone."""
     cfg = make_cfg()
     path = tmp_path / "cfg.yaml"
@@ -56,9 +56,13 @@ def test_accelerate_launch_cpu_with_two_processes_is_refused(make_cfg, tmp_path)
                            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                            "--main_process_port", str(free_port()), "-m", "poise", "train", str(path)],
                           capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode != 0
-    assert "started this one alone" in proc.stderr and "torchrun --nproc_per_node" in proc.stderr, proc.stderr[-2000:]
-    assert proc.stderr.count("started this one alone") == 1  # one process, as accelerate started
+    assert proc.returncode != 0, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("poise: error:")]
+    # every process poise ran in was refused with the torchrun command (accelerate starts one; the
+    # contract is about each started process, not about how many accelerate starts), and none trained
+    assert errors and all("started this one alone" in e and "torchrun --nproc_per_node" in e for e in errors), \
+        proc.stderr
+    assert "done:" not in proc.stdout, proc.stdout
     assert not os.path.exists(cfg.output_dir)
 
 
