@@ -17,13 +17,13 @@ pytest.importorskip("trl")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)  # about 40 s on a quiet 2-core machine: room for a loaded one
 def test_bench_quick_writes_the_figures(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--quick", "--json", str(out),
          "--work-dir", str(tmp_path / "work")],
-        capture_output=True, text=True, timeout=290)
+        capture_output=True, text=True, timeout=880)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
     for key in ("tokens_per_s_ratio_vs_trl", "peak_mem_ratio_vs_trl", "step_ratio_vs_bare",

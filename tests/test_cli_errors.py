@@ -36,6 +36,7 @@ def cfg(tmp_path, model_dir, data):
     (tmp_path / "d.jsonl").write_text(data)
     p = tmp_path / "c.yaml"
     p.write_text(f"model: {model_dir}\ntrain_file: {tmp_path / 'd.jsonl'}\noutput_dir: {tmp_path / 'run'}\n"
+                 f"cache_dir: {tmp_path / 'cache'}\n"
                  "method: dpo\nbatch_size: 1\nmicro_batch_size: 1\nmax_steps: 1\n")
     return p
 

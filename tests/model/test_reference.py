@@ -1,7 +1,5 @@
 """The reference pass (poise/model/reference.py): sums, the cache, and the work split over processes."""
 
-import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -71,13 +69,13 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
 
 
 @pytest.mark.distributed
-def test_two_processes_split_the_reference_pass(tmp_path):
+def test_two_processes_split_the_reference_pass(tmp_path, monkeypatch):
     """Each rank scores its share (6 + 1 of 7 pairs: whole batches of 3 of the length-sorted order); both get
     all the sums, equal to one process's bit for bit (the same batches); one cache file, reused."""
     import torch.multiprocessing as mp
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    os.environ.pop("RANK", None)
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))  # the spawned processes import _worker from here
+    monkeypatch.delenv("RANK", raising=False)
     mp.spawn(_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
     one = compute_reference_sums(_model(), _pairs(), **KW)
     for rank, share in ((0, 6), (1, 1)):
