@@ -22,6 +22,16 @@ from collections.abc import Iterator
 from torch import nn
 
 
+def enable_activation_checkpointing(model: nn.Module) -> nn.Module:
+    """Turn on transformers' activation checkpointing (non-reentrant) under its current name
+    (``activation_checkpointing_enable``, transformers >= 5.2x; the old name warns) or the old one."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
 def set_training_mode(model: nn.Module) -> nn.Module:
     """Eval mode (dropout off) except the layers that checkpoint activations and LoRA's dropout."""
     model.eval()

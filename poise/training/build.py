@@ -28,7 +28,7 @@ from poise.model.load import (
     resolve_source,
     updates_round_away,
 )
-from poise.model.modes import eval_mode, set_training_mode
+from poise.model.modes import enable_activation_checkpointing, eval_mode, set_training_mode
 from poise.model.reference import cached_reference_sums
 from poise.model.shared_prefix import choose_layout, pairs_reason
 from poise.training.config import TrainConfig, from_dict
@@ -265,10 +265,7 @@ def _model(cfg: TrainConfig, tokenizer, texts, device):
         log.warning("gradient_checkpointing: %s (%s) does not support activation checkpointing; training without "
                     "it (set gradient_checkpointing: false to silence this)", cfg.model, type(model).__name__)
     if checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     if cfg.lora_r > 0:
         if checkpointing:
             model.enable_input_require_grads()

@@ -53,8 +53,8 @@ class TrainConfig:
         True, "Recompute each layer's activations in the backward pass instead of keeping them (TRL's default "
         "too): in the SmolLM2-135M benchmark (batch 4, bf16 autocast, CPU) peak memory 3.5 GB instead of 4.4 "
         "GB (0.55x TRL's instead of 0.68x) for 22% more step time (docs/performance.md). false: faster where "
-        "memory allows (the benchmark's 'poise "
-        "fastest'). A model that cannot checkpoint trains without it, with a warning.", "model")
+        "memory allows (the benchmark's 'poise fastest'). A model that cannot checkpoint trains without it, "
+        "with a warning.", "model")
     lora_r: int = F(0, "LoRA rank; 0 trains every weight. With LoRA the reference is the base model "
                     "with its adapters disabled.", "model")
     lora_alpha: float = F(16.0, "LoRA scaling alpha.", "model")

@@ -18,6 +18,7 @@ from poise.model.logprobs import (
     token_logps,
     verify_fast_path,
 )
+from poise.model.modes import enable_activation_checkpointing
 from poise.types import STAT_NAMES
 
 VOCAB = 131  # distinct from every hidden size below, so (.., V) tensors are recognisable
@@ -136,8 +137,7 @@ def test_backbone_activation_checkpointing_composes(batch):
     (_naive(model, ids, attn, comp)[0]).sum().backward()
     naive = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable({"use_reentrant": False})  # the kwargs argument was renamed in transformers 5
+    enable_activation_checkpointing(model)
     token_logps(model, ids, attn, comp, chunk_size=2).logps.sum().backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, naive[name], atol=1e-5, rtol=1e-4, msg=name)

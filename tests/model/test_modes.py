@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from poise.model.load import add_lora
-from poise.model.modes import eval_mode, set_training_mode
+from poise.model.modes import enable_activation_checkpointing, eval_mode, set_training_mode
 
 
 def _model(checkpointing=True, lora=True):
@@ -16,7 +16,7 @@ def _model(checkpointing=True, lora=True):
                       num_attention_heads=2, num_key_value_heads=1, attention_dropout=0.5)
     model = LlamaForCausalLM(cfg).eval()
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     if lora:
         model = add_lora(model, r=2, alpha=4, dropout=0.5, target_modules=["q_proj"])
     return model

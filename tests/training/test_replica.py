@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from poise.model.modes import set_training_mode
+from poise.model.modes import enable_activation_checkpointing, set_training_mode
 from poise.training.engines import empty_copy, fill_replica
 
 
@@ -15,8 +15,7 @@ def test_the_filled_replica_has_the_policys_mode_and_weights():
     cfg = LlamaConfig(vocab_size=61, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=1, attention_dropout=0.5)
     model = LlamaForCausalLM(cfg)
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    model = set_training_mode(model)
+    model = set_training_mode(enable_activation_checkpointing(model))
     replica = empty_copy(model.train())  # whatever the flags when it was copied
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     filled = fill_replica(replica, state, torch.device("cpu"), engine="fsdp")
